@@ -1,0 +1,16 @@
+//! Generates the tonic/prost code with a vendored `protoc`, so no system install is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    let files = [
+        "proto/types.proto",
+        "proto/raft.proto",
+        "proto/metadata.proto",
+        "proto/chunk.proto",
+    ];
+    tonic_build::configure().compile_protos(&files, &["proto"])?;
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    Ok(())
+}
