@@ -8,7 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/metadata.proto",
         "proto/chunk.proto",
     ];
-    tonic_build::configure().compile_protos(&files, &["proto"])?;
+    tonic_build::configure()
+        .bytes([".cairn.chunk"])
+        .compile_protos(&files, &["proto"])?;
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

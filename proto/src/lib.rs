@@ -25,6 +25,8 @@ pub mod chunk {
     tonic::include_proto!("cairn.chunk");
 }
 
+pub mod coord_client;
+
 /// Number of placement partitions. Fixed for the life of a cluster.
 pub const PARTITIONS: u32 = 1024;
 /// Bits of the chunk id that select its partition.

@@ -1,1 +1,13 @@
-//! placeholder
+//! Cairn's storage node: a durable content-addressed chunk store that replicates each chunk to
+//! its partition's replicas until the redundancy factor holds.
+//!
+//! - [`chunkstore`]: segment files + sled index, group commit, recovery, compaction;
+//! - [`membership`]: registration, heartbeats and the cached placement layout;
+//! - [`replication`]: forwarding to replicas, the persisted repair queue and its worker;
+//! - [`service`]: the thin gRPC handlers; [`app`]: the composition root.
+
+pub mod app;
+pub mod chunkstore;
+pub mod membership;
+pub mod replication;
+pub mod service;

@@ -1,0 +1,694 @@
+//! The durable content-addressed chunk store of one storage node.
+//!
+//! Blob bytes live in append-only segment files (`segments/NNNNNNNN.seg`, format in
+//! [`segment`]); sled holds only the index (chunk id → segment, offset, length, blob hash) and a
+//! few counters, and the index can be rebuilt by scanning the segments.
+//!
+//! One writer thread owns the active segment. It takes every request waiting in its bounded
+//! queue as one group, appends them, fsyncs the segment once, records the index entries and the
+//! new durable frontier in one sled batch, flushes sled, and only then answers every request in
+//! the group (group commit). On open, records past the recorded frontier are re-verified and
+//! indexed; the first torn or invalid record there and everything after it is cut.
+
+pub mod segment;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+use cairn_proto::ChunkId;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use segment::{Scanned, HEADER_LEN};
+
+/// A segment is closed and a new one started beyond this size.
+pub const SEGMENT_MAX: u64 = 256 * 1024 * 1024;
+/// At most this many bytes go into one group commit.
+const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Queue depth of the writer.
+const WRITER_QUEUE: usize = 64;
+
+/// Chunk store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Disk I/O failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The index failed.
+    #[error("index: {0}")]
+    Index(#[from] sled::Error),
+    /// The stored copy does not match its checksum; it has been quarantined.
+    #[error("chunk {0} is corrupt on this node (quarantined)")]
+    Corrupt(ChunkId),
+    /// The chunk is not here.
+    #[error("chunk {0} not found")]
+    NotFound(ChunkId),
+    /// The store is shutting down.
+    #[error("chunk store is closed")]
+    Closed,
+}
+
+/// Where a chunk's record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Segment number.
+    pub segment: u32,
+    /// Record offset.
+    pub offset: u64,
+    /// Blob length.
+    pub len: u32,
+    /// blake3 of the blob.
+    pub hash: [u8; 32],
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[..4].copy_from_slice(&self.segment.to_be_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        b[12..16].copy_from_slice(&self.len.to_be_bytes());
+        b[16..].copy_from_slice(&self.hash);
+        b
+    }
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 48 {
+            return None;
+        }
+        Some(Self {
+            segment: u32::from_be_bytes(b[..4].try_into().ok()?),
+            offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
+            len: u32::from_be_bytes(b[12..16].try_into().ok()?),
+            hash: b[16..].try_into().ok()?,
+        })
+    }
+    fn record_len(&self) -> u64 {
+        HEADER_LEN as u64 + u64::from(self.len)
+    }
+}
+
+/// A blob to store.
+#[derive(Debug, Clone)]
+pub struct PutItem {
+    /// Chunk id.
+    pub id: ChunkId,
+    /// blake3(blob), already verified by the caller.
+    pub hash: [u8; 32],
+    /// The blob.
+    pub blob: bytes::Bytes,
+}
+
+/// Counters of the store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    /// Chunks indexed.
+    pub chunks: u64,
+    /// Bytes of live records.
+    pub bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Corrupt copies found since the store was created.
+    pub corrupt_found: u64,
+}
+
+/// Result of a compaction.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CompactStats {
+    /// Segments rewritten and removed.
+    pub segments_removed: u64,
+    /// Bytes reclaimed.
+    pub bytes_reclaimed: u64,
+}
+
+enum Msg {
+    Put(Vec<PutItem>, oneshot::Sender<Result<Vec<bool>, StoreError>>),
+    Delete(Vec<ChunkId>, oneshot::Sender<Result<u64, StoreError>>),
+    Compact(f64, oneshot::Sender<Result<CompactStats, StoreError>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Shared {
+    dir: PathBuf,
+    db: sled::Db,
+    index: sled::Tree,
+    meta: sled::Tree,
+    files: RwLock<HashMap<u32, Arc<File>>>,
+    live_bytes: AtomicU64,
+    corrupt_found: AtomicU64,
+}
+
+/// Handle to the chunk store (cheap to clone).
+#[derive(Clone)]
+pub struct ChunkStore {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Msg>,
+    writer: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+const FRONTIER: &[u8] = b"frontier";
+const CORRUPT: &[u8] = b"corrupt_found";
+const DEAD: &[u8] = b"dead/";
+
+fn seg_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join("segments").join(format!("{n:08}.seg"))
+}
+
+fn dead_key(seg: u32) -> Vec<u8> {
+    let mut k = DEAD.to_vec();
+    k.extend_from_slice(&seg.to_be_bytes());
+    k
+}
+
+fn fsync_dir(p: &Path) -> io::Result<()> {
+    File::open(p)?.sync_all()
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir.join("segments"))? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
+            v.push(n);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+impl ChunkStore {
+    /// Opens (or creates) the store in `dir`, recovering from an unclean stop.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir.join("segments"))?;
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .flush_every_ms(None)
+            .open()?;
+        let index = db.open_tree("index")?;
+        let meta = db.open_tree("meta")?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            db,
+            index,
+            meta,
+            files: RwLock::new(HashMap::new()),
+            live_bytes: AtomicU64::new(0),
+            corrupt_found: AtomicU64::new(0),
+        });
+        let active = shared.recover()?;
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let s = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("chunk-writer".into())
+            .spawn(move || match Writer::new(s, active) {
+                Ok(w) => w.run(rx),
+                Err(e) => tracing::error!(error = %e, "chunk writer could not start"),
+            })?;
+        Ok(Self {
+            shared,
+            tx,
+            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
+        })
+    }
+
+    /// Stores blobs durably; returns, per item, whether the chunk was already present.
+    pub async fn put(&self, items: Vec<PutItem>) -> Result<Vec<bool>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Put(items, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Removes chunks from the index (space is reclaimed by [`ChunkStore::compact`]).
+    pub async fn delete(&self, ids: Vec<ChunkId>) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Delete(ids, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Rewrites closed segments whose dead fraction is at least `min_dead` (0..1).
+    pub async fn compact(&self, min_dead: f64) -> Result<CompactStats, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Compact(min_dead, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Whether each id is present.
+    pub fn has(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        ids.iter()
+            .map(|id| Ok(self.shared.index.contains_key(id.0)?))
+            .collect()
+    }
+
+    /// Where a chunk is stored.
+    pub fn location(&self, id: &ChunkId) -> Result<Option<Location>, StoreError> {
+        Ok(self
+            .shared
+            .index
+            .get(id.0)?
+            .and_then(|v| Location::decode(&v)))
+    }
+
+    /// Reads and verifies a blob. A copy that fails verification is quarantined (dropped from
+    /// the index, counted) and reported as [`StoreError::Corrupt`]; bad bytes are never returned.
+    pub async fn get(&self, id: ChunkId) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
+        let shared = self.shared.clone();
+        let res = tokio::task::spawn_blocking(move || shared.read(&id))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        if let Err(StoreError::Corrupt(id)) = &res {
+            warn!(chunk = %id, "corrupt copy found on read; quarantined");
+            self.shared.corrupt_found.fetch_add(1, Ordering::Relaxed);
+            let _ = self.shared.meta.insert(
+                CORRUPT,
+                &self
+                    .shared
+                    .corrupt_found
+                    .load(Ordering::Relaxed)
+                    .to_be_bytes(),
+            );
+            self.delete(vec![*id]).await?;
+        }
+        res
+    }
+
+    /// Ids held in partitions `[start, end)`.
+    pub fn list(&self, start: u32, end: u32) -> Result<Vec<ChunkId>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.shared.index.iter().keys() {
+            let id = ChunkId::from_slice(&k?).map_err(|e| io::Error::other(e.to_string()))?;
+            let p = id.partition();
+            if p >= start && p < end {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A tree in the store's database for other persisted state of the node (repair queue).
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.shared.db.open_tree(name)?)
+    }
+
+    /// Flushes the database (fsync).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.shared.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            chunks: self.shared.index.len() as u64,
+            bytes: self.shared.live_bytes.load(Ordering::Relaxed),
+            segments: list_segments(&self.shared.dir)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0),
+            corrupt_found: self.shared.corrupt_found.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the writer after the requests queued before this call, then flushes the index.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let handle = self.writer.lock().expect("writer lock").take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        let _ = self.shared.db.flush_async().await;
+    }
+}
+
+impl Shared {
+    fn file(&self, seg: u32) -> io::Result<Arc<File>> {
+        if let Some(f) = self.files.read().expect("files lock").get(&seg) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(seg_path(&self.dir, seg))?);
+        self.files
+            .write()
+            .expect("files lock")
+            .insert(seg, f.clone());
+        Ok(f)
+    }
+
+    fn read(&self, id: &ChunkId) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
+        let loc = self
+            .index
+            .get(id.0)?
+            .and_then(|v| Location::decode(&v))
+            .ok_or(StoreError::NotFound(*id))?;
+        let f = self.file(loc.segment)?;
+        match segment::read_blob(&f, loc.offset, loc.len, &loc.hash) {
+            Ok(b) => Ok((b, loc.hash)),
+            Err(e)
+                if e.kind() == io::ErrorKind::InvalidData
+                    || e.kind() == io::ErrorKind::UnexpectedEof =>
+            {
+                Err(StoreError::Corrupt(*id))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn frontier(&self) -> Result<Option<(u32, u64)>, StoreError> {
+        Ok(self.meta.get(FRONTIER)?.and_then(|v| {
+            let seg = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
+            let off = u64::from_be_bytes(v.get(4..12)?.try_into().ok()?);
+            Some((seg, off))
+        }))
+    }
+
+    /// Re-verifies everything past the durable frontier (all segments if the index is gone),
+    /// indexes the sound records and cuts a torn tail. Everything past the frontier was never
+    /// acknowledged, so cutting there loses nothing; when rebuilding a lost index nothing is cut.
+    /// Returns the active segment and its end.
+    fn recover(&self) -> Result<(u32, u64), StoreError> {
+        let segs = list_segments(&self.dir)?;
+        if let Some(v) = self.meta.get(CORRUPT)? {
+            let n = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+            self.corrupt_found.store(n, Ordering::Relaxed);
+        }
+        let frontier = self.frontier()?;
+        if frontier.is_none() && !segs.is_empty() {
+            info!(
+                segments = segs.len(),
+                "index missing: rebuilding it from the segments"
+            );
+        }
+        let (start_seg, start_off) = frontier.unwrap_or((segs.first().copied().unwrap_or(0), 0));
+        let mut active = (start_seg, start_off);
+        let mut idx = sled::Batch::default();
+        for &seg in segs.iter().filter(|&&s| s >= start_seg) {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(seg_path(&self.dir, seg))?;
+            let from = if seg == start_seg { start_off } else { 0 };
+            let mut found = 0u64;
+            let end = segment::scan(&file, from, |r| match r {
+                Scanned::Record { offset, header } => {
+                    let loc = Location {
+                        segment: seg,
+                        offset,
+                        len: header.len,
+                        hash: header.hash,
+                    };
+                    idx.insert(&header.id.0[..], &loc.encode()[..]);
+                    found += 1;
+                }
+                Scanned::Corrupt { offset, header } => {
+                    warn!(segment = seg, offset, chunk = %header.id, "corrupt record skipped during recovery");
+                }
+                Scanned::End { .. } => {}
+            })?;
+            let Scanned::End { offset, clean } = end else {
+                continue;
+            };
+            if !clean {
+                if frontier.is_some() {
+                    warn!(segment = seg, offset, "torn or invalid tail cut");
+                    file.set_len(offset)?;
+                    file.sync_all()?;
+                } else {
+                    warn!(
+                        segment = seg,
+                        offset, "unreadable record: rest of segment not indexed"
+                    );
+                }
+            }
+            if found > 0 {
+                info!(
+                    segment = seg,
+                    records = found,
+                    "indexed records past the frontier"
+                );
+            }
+            active = (seg, offset);
+        }
+        self.index.apply_batch(idx)?;
+        self.meta
+            .insert(FRONTIER, frontier_bytes(active).to_vec())?;
+        self.db.flush()?;
+        let live: u64 = self
+            .index
+            .iter()
+            .values()
+            .filter_map(|v| v.ok().and_then(|v| Location::decode(&v)))
+            .map(|l| l.record_len())
+            .sum();
+        self.live_bytes.store(live, Ordering::Relaxed);
+        Ok(active)
+    }
+}
+
+fn frontier_bytes((seg, off): (u32, u64)) -> [u8; 12] {
+    let mut f = [0u8; 12];
+    f[..4].copy_from_slice(&seg.to_be_bytes());
+    f[4..].copy_from_slice(&off.to_be_bytes());
+    f
+}
+
+/// The writer thread's state: the active segment and its end.
+struct Writer {
+    shared: Arc<Shared>,
+    seg: u32,
+    file: File,
+    end: u64,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, (seg, end): (u32, u64)) -> io::Result<Self> {
+        let path = seg_path(&shared.dir, seg);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        fsync_dir(&shared.dir.join("segments"))?;
+        Ok(Self {
+            shared,
+            seg,
+            file,
+            end,
+        })
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut puts = Vec::new();
+            let mut bytes = 0usize;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Put(items, reply) => {
+                        bytes += items.iter().map(|i| i.blob.len()).sum::<usize>();
+                        puts.push((items, reply));
+                        if bytes < GROUP_MAX_BYTES {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    Msg::Delete(ids, reply) => {
+                        self.flush_puts(&mut puts);
+                        let _ = reply.send(self.delete(&ids));
+                    }
+                    Msg::Compact(min_dead, reply) => {
+                        self.flush_puts(&mut puts);
+                        let _ = reply.send(self.compact(min_dead));
+                    }
+                    Msg::Shutdown(reply) => {
+                        self.flush_puts(&mut puts);
+                        let _ = self.shared.db.flush();
+                        let _ = reply.send(());
+                        return;
+                    }
+                }
+            }
+            self.flush_puts(&mut puts);
+        }
+    }
+
+    /// Writes one group: append all, one fsync, one index batch and flush, then answer all.
+    fn flush_puts(&mut self, puts: &mut Vec<PutItemsReply>) {
+        if puts.is_empty() {
+            return;
+        }
+        let group = std::mem::take(puts);
+        let items: Vec<&[PutItem]> = group.iter().map(|(i, _)| i.as_slice()).collect();
+        match self.write_group(&items, false) {
+            Ok(mut existed) => {
+                for (items, reply) in group {
+                    let rest = existed.split_off(items.len());
+                    let _ = reply.send(Ok(existed));
+                    existed = rest;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "group commit failed");
+                let msg = e.to_string();
+                for (_, reply) in group {
+                    let _ = reply.send(Err(StoreError::Io(io::Error::other(msg.clone()))));
+                }
+            }
+        }
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        self.seg += 1;
+        self.end = 0;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(seg_path(&self.shared.dir, self.seg))?;
+        fsync_dir(&self.shared.dir.join("segments"))?;
+        Ok(())
+    }
+
+    fn write_group(&mut self, groups: &[&[PutItem]], force: bool) -> Result<Vec<bool>, StoreError> {
+        let mut existed = Vec::new();
+        let mut seen = HashSet::new();
+        let mut idx = sled::Batch::default();
+        let mut added = 0u64;
+        for item in groups.iter().flat_map(|g| g.iter()) {
+            if !seen.insert(item.id) || (!force && self.shared.index.contains_key(item.id.0)?) {
+                existed.push(true);
+                continue;
+            }
+            existed.push(false);
+            if self.end >= SEGMENT_MAX {
+                self.roll()?;
+            }
+            let header = segment::encode_header(&item.id, &item.hash, item.blob.len() as u32);
+            self.file.write_all(&header)?;
+            self.file.write_all(&item.blob)?;
+            let loc = Location {
+                segment: self.seg,
+                offset: self.end,
+                len: item.blob.len() as u32,
+                hash: item.hash,
+            };
+            self.end += loc.record_len();
+            added += loc.record_len();
+            idx.insert(&item.id.0[..], &loc.encode()[..]);
+        }
+        if added > 0 {
+            self.file.sync_data()?;
+            self.shared.index.apply_batch(idx)?;
+            self.shared
+                .meta
+                .insert(FRONTIER, frontier_bytes((self.seg, self.end)).to_vec())?;
+            self.shared.db.flush()?;
+            self.shared.live_bytes.fetch_add(added, Ordering::Relaxed);
+        }
+        Ok(existed)
+    }
+
+    fn delete(&mut self, ids: &[ChunkId]) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for id in ids {
+            if let Some(v) = self.shared.index.remove(id.0)? {
+                if let Some(loc) = Location::decode(&v) {
+                    let key = dead_key(loc.segment);
+                    let dead = self
+                        .shared
+                        .meta
+                        .get(&key)?
+                        .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                        .unwrap_or(0);
+                    self.shared
+                        .meta
+                        .insert(key, &(dead + loc.record_len()).to_be_bytes())?;
+                    self.shared
+                        .live_bytes
+                        .fetch_sub(loc.record_len(), Ordering::Relaxed);
+                    removed += 1;
+                }
+            }
+        }
+        self.shared.db.flush()?;
+        Ok(removed)
+    }
+
+    /// Copies the live records of mostly-dead closed segments into the active one, makes that
+    /// durable and re-points the index, and only then removes the old segment files.
+    fn compact(&mut self, min_dead: f64) -> Result<CompactStats, StoreError> {
+        let mut stats = CompactStats::default();
+        for seg in list_segments(&self.shared.dir)? {
+            if seg == self.seg {
+                continue;
+            }
+            let path = seg_path(&self.shared.dir, seg);
+            let size = std::fs::metadata(&path)?.len();
+            let dead = self
+                .shared
+                .meta
+                .get(dead_key(seg))?
+                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                .unwrap_or(0);
+            if size > 0 && (dead as f64 / size as f64) < min_dead {
+                continue;
+            }
+            let file = File::open(&path)?;
+            let mut live = Vec::new();
+            segment::scan(&file, 0, |r| {
+                if let Scanned::Record { offset, header } = r {
+                    live.push((offset, header));
+                }
+            })?;
+            let mut moved = Vec::new();
+            for (offset, h) in live {
+                let still = self
+                    .shared
+                    .index
+                    .get(h.id.0)?
+                    .and_then(|v| Location::decode(&v))
+                    .is_some_and(|l| l.segment == seg && l.offset == offset);
+                if still {
+                    let blob = segment::read_blob(&file, offset, h.len, &h.hash)?;
+                    moved.push(PutItem {
+                        id: h.id,
+                        hash: h.hash,
+                        blob: blob.into(),
+                    });
+                }
+            }
+            // Re-append live records; the index entry moves to the new place atomically with
+            // the flush, so a crash leaves either the old or the new location, both intact.
+            if !moved.is_empty() {
+                self.write_group(&[&moved], true)?;
+                let bytes: u64 = moved
+                    .iter()
+                    .map(|m| HEADER_LEN as u64 + m.blob.len() as u64)
+                    .sum();
+                self.shared.live_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
+            self.shared.meta.remove(dead_key(seg))?;
+            self.shared.db.flush()?;
+            self.shared.files.write().expect("files lock").remove(&seg);
+            std::fs::remove_file(&path)?;
+            fsync_dir(&self.shared.dir.join("segments"))?;
+            stats.segments_removed += 1;
+            stats.bytes_reclaimed += size.saturating_sub(
+                moved
+                    .iter()
+                    .map(|m| HEADER_LEN as u64 + m.blob.len() as u64)
+                    .sum(),
+            );
+        }
+        Ok(stats)
+    }
+}
+
+type PutItemsReply = (Vec<PutItem>, oneshot::Sender<Result<Vec<bool>, StoreError>>);

@@ -1,0 +1,419 @@
+//! Replication to the redundancy factor.
+//!
+//! A node that receives a chunk from a client (any node of the chunk's replica set may; the
+//! first is the primary) validates it, stores it durably, forwards it in parallel to the other
+//! replicas of its partition, and acknowledges once R copies are durable — or at least the
+//! write quorum W, with each missing copy recorded in a persisted repair queue. Below W nothing
+//! is acknowledged. A background worker drains the repair queue with exponential back-off.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
+use cairn_proto::chunk::PutChunkRequest;
+use cairn_proto::{ChunkId, MAX_BLOB_SIZE};
+use tokio::sync::{watch, Notify};
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::chunkstore::{ChunkStore, PutItem, StoreError};
+use crate::membership::{Membership, UsageSource};
+
+/// How long a forward to one replica may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most repair entries tried per pass.
+const REPAIR_BATCH: usize = 256;
+/// Upper bound of the repair back-off.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Replication errors (mapped to gRPC status in `service.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplError {
+    /// The request is malformed or fails verification; nothing was stored.
+    #[error("{0}")]
+    Invalid(String),
+    /// The chunk belongs to partitions this node does not serve.
+    #[error("chunk {id} (partition {partition}) is not served by node {node} in layout version {version}")]
+    WrongNode {
+        /// Chunk.
+        id: ChunkId,
+        /// Its partition.
+        partition: u32,
+        /// This node.
+        node: u64,
+        /// The layout version checked.
+        version: u64,
+    },
+    /// Fewer than W copies are durable; the write is not acknowledged.
+    #[error("chunk {id}: only {copies} of the {needed} required copies are durable")]
+    BelowQuorum {
+        /// Chunk.
+        id: ChunkId,
+        /// Durable copies.
+        copies: u32,
+        /// The write quorum.
+        needed: u32,
+    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Validates a received chunk without storing anything.
+pub fn validate(id: &[u8], blob: &Bytes, hash: &[u8]) -> Result<PutItem, ReplError> {
+    let id = ChunkId::from_slice(id).map_err(|e| ReplError::Invalid(e.to_string()))?;
+    if blob.len() > MAX_BLOB_SIZE {
+        return Err(ReplError::Invalid(format!(
+            "chunk {id}: blob of {} bytes exceeds the maximum of {MAX_BLOB_SIZE}",
+            blob.len()
+        )));
+    }
+    let hash: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| ReplError::Invalid(format!("chunk {id}: blob hash must be 32 bytes")))?;
+    if cairn_proto::blob_hash(blob) != hash {
+        return Err(ReplError::Invalid(format!(
+            "chunk {id}: blob does not match its blake3 hash"
+        )));
+    }
+    Ok(PutItem {
+        id,
+        hash,
+        blob: blob.clone(),
+    })
+}
+
+/// One acknowledged chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct Ack {
+    /// Chunk.
+    pub id: ChunkId,
+    /// Durable copies.
+    pub copies: u32,
+    /// Whether this node held it already.
+    pub existed: bool,
+}
+
+/// Forwards chunks to replicas and repairs missing copies.
+pub struct Replicator {
+    me: Arc<Membership>,
+    store: ChunkStore,
+    repair: sled::Tree,
+    wake: Notify,
+    channels: Mutex<HashMap<String, Channel>>,
+    repairs_done: std::sync::atomic::AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn repair_key(id: &ChunkId, node: u64) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..32].copy_from_slice(&id.0);
+    k[32..].copy_from_slice(&node.to_be_bytes());
+    k
+}
+
+impl Replicator {
+    /// Creates the replicator over `store`, with its repair queue in the same database.
+    pub fn new(me: Arc<Membership>, store: ChunkStore) -> Result<Arc<Self>, StoreError> {
+        let repair = store.open_tree("repair")?;
+        Ok(Arc::new(Self {
+            me,
+            store,
+            repair,
+            wake: Notify::new(),
+            channels: Mutex::new(HashMap::new()),
+            repairs_done: Default::default(),
+        }))
+    }
+
+    /// Copies owed to other replicas.
+    pub fn under_replicated(&self) -> u64 {
+        self.repair.len() as u64
+    }
+
+    /// Repairs completed since start.
+    pub fn repairs_done(&self) -> u64 {
+        self.repairs_done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, tonic::Status> {
+        let ch = {
+            let mut map = self.channels.lock().expect("channel cache lock");
+            match map.get(addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = cairn_proto::coord_client::endpoint(addr)?.connect_lazy();
+                    map.insert(addr.to_string(), c.clone());
+                    c
+                }
+            }
+        };
+        Ok(ChunkStoreClient::new(ch)
+            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
+    }
+
+    async fn check_served(&self, items: &[PutItem]) -> Result<(), ReplError> {
+        for it in items {
+            let p = it.id.partition();
+            if !self.me.serves_fresh(p).await {
+                return Err(ReplError::WrongNode {
+                    id: it.id,
+                    partition: p,
+                    node: self.me.id(),
+                    version: self.me.layout().version,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores chunks forwarded by another replica (no further forwarding).
+    pub async fn put_replica(&self, items: Vec<PutItem>) -> Result<Vec<Ack>, ReplError> {
+        self.check_served(&items).await?;
+        let existed = self.store.put(items.clone()).await?;
+        Ok(items
+            .iter()
+            .zip(existed)
+            .map(|(i, e)| Ack {
+                id: i.id,
+                copies: 1,
+                existed: e,
+            })
+            .collect())
+    }
+
+    /// Stores chunks from a client and replicates them; acknowledges each at R, or at W with
+    /// the missing copies queued for repair.
+    pub async fn put_primary(&self, items: Vec<PutItem>) -> Result<Vec<Ack>, ReplError> {
+        self.check_served(&items).await?;
+        let existed = self.store.put(items.clone()).await?;
+        let layout = self.me.layout();
+        let me = self.me.id();
+        // Which peers need which items.
+        let mut per_peer: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, it) in items.iter().enumerate() {
+            for &n in layout.replicas(it.id.partition()) {
+                if n != me {
+                    per_peer.entry(n).or_default().push(i);
+                }
+            }
+        }
+        let sends = per_peer.iter().map(|(&node, idxs)| {
+            let addr = layout.address(node).map(str::to_string);
+            let batch: Vec<PutChunkRequest> = idxs
+                .iter()
+                .map(|&i| PutChunkRequest {
+                    id: Bytes::copy_from_slice(&items[i].id.0),
+                    blob: items[i].blob.clone(),
+                    hash: Bytes::copy_from_slice(&items[i].hash),
+                    replica: true,
+                })
+                .collect();
+            async move {
+                let res = match addr {
+                    Some(a) => self.forward(&a, batch).await,
+                    None => Err(tonic::Status::not_found("no address for node")),
+                };
+                (node, res)
+            }
+        });
+        let results = futures::future::join_all(sends).await;
+        let mut copies = vec![1u32; items.len()];
+        let mut missing: Vec<(ChunkId, u64)> = Vec::new();
+        for (node, res) in results {
+            let idxs = &per_peer[&node];
+            match res {
+                Ok(acked) => {
+                    for &i in idxs {
+                        if acked.contains(&items[i].id) {
+                            copies[i] += 1;
+                        } else {
+                            missing.push((items[i].id, node));
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(node, error = %e, "forward to replica failed");
+                    missing.extend(idxs.iter().map(|&i| (items[i].id, node)));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            self.enqueue(&missing).await?;
+        }
+        let needed = layout.write_quorum.max(1);
+        let mut acks = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            if copies[i] < needed {
+                return Err(ReplError::BelowQuorum {
+                    id: it.id,
+                    copies: copies[i],
+                    needed,
+                });
+            }
+            acks.push(Ack {
+                id: it.id,
+                copies: copies[i],
+                existed: existed[i],
+            });
+        }
+        Ok(acks)
+    }
+
+    async fn forward(
+        &self,
+        addr: &str,
+        batch: Vec<PutChunkRequest>,
+    ) -> Result<HashSet<ChunkId>, tonic::Status> {
+        let mut client = self.client(addr)?;
+        let fut = async {
+            let mut stream = client
+                .put_chunks(tokio_stream::iter(batch))
+                .await?
+                .into_inner();
+            let mut acked = HashSet::new();
+            while let Some(r) = stream.message().await? {
+                if let Ok(id) = ChunkId::from_slice(&r.id) {
+                    acked.insert(id);
+                }
+            }
+            Ok(acked)
+        };
+        tokio::time::timeout(FORWARD_TIMEOUT, fut)
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("forward timed out"))?
+    }
+
+    async fn enqueue(&self, missing: &[(ChunkId, u64)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let due = now_ms() + 1000;
+        for (id, node) in missing {
+            let mut v = [0u8; 12];
+            v[8..].copy_from_slice(&0u32.to_be_bytes());
+            v[..8].copy_from_slice(&due.to_be_bytes());
+            batch.insert(&repair_key(id, *node)[..], &v[..]);
+        }
+        self.repair.apply_batch(batch).map_err(StoreError::Index)?;
+        self.store.flush().await?;
+        info!(count = missing.len(), "copies queued for repair");
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// One pass over the repair queue: sends due copies; backs off failures.
+    pub async fn repair_pass(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let layout = self.me.layout();
+        let mut due: BTreeMap<u64, Vec<(ChunkId, u32)>> = BTreeMap::new();
+        let mut drop_keys = Vec::new();
+        for kv in self.repair.iter().take(REPAIR_BATCH * 4) {
+            let (k, v) = kv.map_err(StoreError::Index)?;
+            let (Ok(id), Ok(node_b), Ok(at_b), Ok(tries_b)) = (
+                ChunkId::from_slice(&k[..32]),
+                <[u8; 8]>::try_from(&k[32..]),
+                <[u8; 8]>::try_from(&v[..8]),
+                <[u8; 4]>::try_from(&v[8..12]),
+            ) else {
+                drop_keys.push(k);
+                continue;
+            };
+            let node = u64::from_be_bytes(node_b);
+            if !layout.replicas(id.partition()).contains(&node) {
+                drop_keys.push(k); // no longer that node's partition
+                continue;
+            }
+            if u64::from_be_bytes(at_b) <= now
+                && due.values().map(Vec::len).sum::<usize>() < REPAIR_BATCH
+            {
+                due.entry(node)
+                    .or_default()
+                    .push((id, u32::from_be_bytes(tries_b)));
+            }
+        }
+        for k in drop_keys {
+            self.repair.remove(k).map_err(StoreError::Index)?;
+        }
+        let mut done = 0;
+        for (node, list) in due {
+            let Some(addr) = layout.address(node).map(str::to_string) else {
+                continue;
+            };
+            let mut batch = Vec::new();
+            for (id, _) in &list {
+                match self.store.get(*id).await {
+                    Ok((blob, hash)) => batch.push(PutChunkRequest {
+                        id: Bytes::copy_from_slice(&id.0),
+                        blob: blob.into(),
+                        hash: Bytes::copy_from_slice(&hash),
+                        replica: true,
+                    }),
+                    Err(e) => {
+                        warn!(chunk = %id, error = %e, "cannot repair: local copy unreadable");
+                        self.repair
+                            .remove(repair_key(id, node))
+                            .map_err(StoreError::Index)?;
+                    }
+                }
+            }
+            let acked = self.forward(&addr, batch).await.unwrap_or_default();
+            for (id, tries) in list {
+                let key = repair_key(&id, node);
+                if acked.contains(&id) {
+                    self.repair.remove(key).map_err(StoreError::Index)?;
+                    done += 1;
+                } else if self.repair.contains_key(key).map_err(StoreError::Index)? {
+                    let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(tries.min(10)))
+                        .min(MAX_BACKOFF);
+                    let mut v = [0u8; 12];
+                    v[..8].copy_from_slice(&(now + backoff.as_millis() as u64).to_be_bytes());
+                    v[8..].copy_from_slice(&(tries + 1).to_be_bytes());
+                    self.repair.insert(key, &v).map_err(StoreError::Index)?;
+                }
+            }
+        }
+        if done > 0 {
+            self.repairs_done
+                .fetch_add(done as u64, std::sync::atomic::Ordering::Relaxed);
+            info!(repaired = done, left = self.repair.len(), "repair pass");
+        }
+        self.store.flush().await?;
+        Ok(done)
+    }
+
+    /// Drains the repair queue until shutdown.
+    pub async fn run_repairs(
+        self: Arc<Self>,
+        period: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.repair.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.repair_pass().await {
+                warn!(error = %e, "repair pass failed");
+            }
+        }
+    }
+}
+
+impl UsageSource for Replicator {
+    fn usage(&self) -> (u64, u64, u64) {
+        let s = self.store.stats();
+        (s.bytes, s.chunks, self.under_replicated())
+    }
+}

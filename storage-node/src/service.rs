@@ -1,0 +1,222 @@
+//! gRPC handlers of the storage node: decode, call the replicator or the store, encode. The
+//! only place where storage errors become gRPC statuses ([`to_status`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_proto::chunk::chunk_store_server::ChunkStore as ChunkStoreRpc;
+use cairn_proto::chunk::*;
+use cairn_proto::ChunkId;
+use futures::{FutureExt, Stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::chunkstore::{ChunkStore, StoreError};
+use crate::membership::Membership;
+use crate::replication::{validate, ReplError, Replicator};
+
+/// Most ids one has/get request may name.
+pub const MAX_IDS: usize = 10_000;
+/// Most chunks handled as one group of a put stream.
+const PUT_GROUP: usize = 64;
+/// Most bytes handled as one group of a put stream.
+const PUT_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+/// Maps errors to statuses.
+pub fn to_status(e: ReplError) -> Status {
+    match e {
+        ReplError::Invalid(m) => Status::invalid_argument(m),
+        e @ ReplError::WrongNode { .. } => Status::failed_precondition(e.to_string()),
+        e @ ReplError::BelowQuorum { .. } => Status::unavailable(e.to_string()),
+        ReplError::Store(StoreError::NotFound(id)) => {
+            Status::not_found(format!("chunk {id} not found"))
+        }
+        ReplError::Store(e @ StoreError::Corrupt(_)) => Status::data_loss(e.to_string()),
+        ReplError::Store(StoreError::Closed) => Status::unavailable("node is shutting down"),
+        ReplError::Store(e) => Status::internal(e.to_string()),
+    }
+}
+
+/// The `ChunkStore` service.
+pub struct ChunkService {
+    store: ChunkStore,
+    repl: Arc<Replicator>,
+    me: Arc<Membership>,
+}
+
+impl ChunkService {
+    /// Serves `store` through `repl`.
+    pub fn new(store: ChunkStore, repl: Arc<Replicator>, me: Arc<Membership>) -> Self {
+        Self { store, repl, me }
+    }
+}
+
+fn ids(raw: &[Bytes]) -> Result<Vec<ChunkId>, Status> {
+    if raw.len() > MAX_IDS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_IDS} ids per request"
+        )));
+    }
+    raw.iter()
+        .map(|b| ChunkId::from_slice(b).map_err(|e| Status::invalid_argument(e.to_string())))
+        .collect()
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ChunkStoreRpc for ChunkService {
+    type PutChunksStream = BoxStream<PutChunkReply>;
+    type GetChunksStream = BoxStream<GetChunkReply>;
+
+    async fn put_chunks(
+        &self,
+        req: Request<Streaming<PutChunkRequest>>,
+    ) -> Result<Response<Self::PutChunksStream>, Status> {
+        let mut inbound = req.into_inner();
+        let repl = self.repl.clone();
+        let (tx, rx) = mpsc::channel(PUT_GROUP);
+        // Ends when the client closes its stream, on the first error, or when the connection drops.
+        tokio::spawn(async move {
+            loop {
+                let first = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let mut group = vec![first];
+                let mut bytes = group[0].blob.len();
+                while group.len() < PUT_GROUP && bytes < PUT_GROUP_BYTES {
+                    match inbound.message().now_or_never() {
+                        Some(Ok(Some(m))) => {
+                            bytes += m.blob.len();
+                            group.push(m);
+                        }
+                        _ => break,
+                    }
+                }
+                let replica = group[0].replica;
+                let result = async {
+                    if group.iter().any(|m| m.replica != replica) {
+                        return Err(ReplError::Invalid(
+                            "a stream mixes replica and client puts".into(),
+                        ));
+                    }
+                    // Validate the whole group before storing anything.
+                    let items = group
+                        .iter()
+                        .map(|m| validate(&m.id, &m.blob, &m.hash))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if replica {
+                        repl.put_replica(items).await
+                    } else {
+                        repl.put_primary(items).await
+                    }
+                }
+                .await;
+                match result {
+                    Ok(acks) => {
+                        for a in acks {
+                            let reply = PutChunkReply {
+                                id: Bytes::copy_from_slice(&a.id.0),
+                                copies: a.copies,
+                                existed: a.existed,
+                            };
+                            if tx.send(Ok(reply)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_chunks(
+        &self,
+        req: Request<GetChunksRequest>,
+    ) -> Result<Response<Self::GetChunksStream>, Status> {
+        let ids = ids(&req.into_inner().ids)?;
+        let store = self.store.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for id in ids {
+                let reply = match store.get(id).await {
+                    Ok((blob, hash)) => GetChunkReply {
+                        id: Bytes::copy_from_slice(&id.0),
+                        blob: blob.into(),
+                        hash: Bytes::copy_from_slice(&hash),
+                        error: String::new(),
+                    },
+                    Err(e) => GetChunkReply {
+                        id: Bytes::copy_from_slice(&id.0),
+                        error: e.to_string(),
+                        ..Default::default()
+                    },
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn has_chunks(
+        &self,
+        req: Request<HasChunksRequest>,
+    ) -> Result<Response<HasChunksReply>, Status> {
+        let ids = ids(&req.into_inner().ids)?;
+        let present = self.store.has(&ids).map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(HasChunksReply { present }))
+    }
+
+    async fn node_stats(
+        &self,
+        _: Request<NodeStatsRequest>,
+    ) -> Result<Response<NodeStatsReply>, Status> {
+        let s = self.store.stats();
+        Ok(Response::new(NodeStatsReply {
+            node_id: self.me.id(),
+            chunks: s.chunks,
+            bytes_stored: s.bytes,
+            segments: s.segments,
+            under_replicated: self.repl.under_replicated(),
+            corrupt_found: s.corrupt_found,
+            layout_version: self.me.layout().version,
+            repairs_done: self.repl.repairs_done(),
+        }))
+    }
+
+    async fn list_chunks(
+        &self,
+        req: Request<ListChunksRequest>,
+    ) -> Result<Response<ListChunksReply>, Status> {
+        let r = req.into_inner();
+        let end = if r.partition_end == 0 {
+            cairn_proto::PARTITIONS
+        } else {
+            r.partition_end
+        };
+        let ids = self
+            .store
+            .list(r.partition_start, end)
+            .map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(ListChunksReply {
+            ids: ids
+                .into_iter()
+                .map(|i| Bytes::copy_from_slice(&i.0))
+                .collect(),
+        }))
+    }
+}
