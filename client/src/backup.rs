@@ -1,0 +1,696 @@
+//! Backup: walk → read → FastCDC → keyed BLAKE3 id → batched has-chunks → zstd + AES-GCM →
+//! upload, then commit the snapshot.
+//!
+//! The walk is sequential; each changed file is read and cut on a blocking thread that feeds a
+//! bounded channel; chunks gather into batches that are checked, sealed and uploaded by at most
+//! [`MAX_BATCHES`] concurrent tasks. Memory is bounded by those queues (about
+//! `(MAX_BATCHES + 2) × BATCH_BYTES`), not by the size of the repository. Files unchanged since
+//! the parent snapshot (size, mtime, ctime, inode) reuse the parent's chunk list unread. The
+//! snapshot is begun before the walk (its chunks are protected from GC from then on) and
+//! committed only after every chunk it references is acknowledged.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use cairn_proto::metadata::{
+    BeginSnapshotRequest, CommitSnapshotRequest, SnapshotRecord, SnapshotStats,
+};
+use cairn_proto::ChunkId;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Serialize;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tracing::warn;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::repo::{Repository, SnapshotQuery};
+use crate::tree::{ChunkRef, Kind, Node, Tree};
+
+/// Chunks are sealed and uploaded in batches of about this many bytes.
+pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Most chunks in one batch.
+const BATCH_CHUNKS: usize = 128;
+/// Most batches in flight.
+pub const MAX_BATCHES: usize = 4;
+/// The in-session dedup set is cleared beyond this many ids (bounded memory).
+const SEEN_MAX: usize = 1 << 20;
+
+/// Snapshot type, in the vocabulary operators know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    /// Read every file (no parent shortcut).
+    Full,
+    /// Parent: the latest snapshot of the same host and paths.
+    #[default]
+    Incremental,
+    /// Parent: the latest full snapshot of the same host and paths.
+    Differential,
+}
+
+impl BackupKind {
+    /// Name as stored in the catalog.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Incremental => "incremental",
+            Self::Differential => "differential",
+        }
+    }
+}
+
+/// Chunker bounds (bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkerOptions {
+    /// Minimum chunk size.
+    pub min: u32,
+    /// Average chunk size.
+    pub avg: u32,
+    /// Maximum chunk size (at most 16 MiB).
+    pub max: u32,
+}
+
+impl Default for ChunkerOptions {
+    fn default() -> Self {
+        Self {
+            min: 256 * 1024,
+            avg: 1024 * 1024,
+            max: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Options of a backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Host name recorded in the snapshot.
+    pub host: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Snapshot type.
+    pub kind: BackupKind,
+    /// Glob patterns to exclude (matched against the full path and the file name).
+    pub excludes: Vec<String>,
+    /// Stay on the file system of each backup path.
+    pub one_file_system: bool,
+    /// Chunker bounds.
+    pub chunker: ChunkerOptions,
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSummary {
+    /// Snapshot id.
+    pub snapshot: String,
+    /// Parent snapshot (empty for none).
+    pub parent: String,
+    /// Type actually taken (a backup with no parent is full).
+    pub kind: String,
+    /// Files not seen in the parent.
+    pub files_new: u64,
+    /// Files changed since the parent.
+    pub files_changed: u64,
+    /// Files reused from the parent unread.
+    pub files_unmodified: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Bytes read from disk.
+    pub bytes_read: u64,
+    /// Bytes of all files in the snapshot.
+    pub bytes_total: u64,
+    /// Bytes sent after dedup, compression and encryption.
+    pub bytes_uploaded: u64,
+    /// Chunks uploaded.
+    pub chunks_uploaded: u64,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// Warnings (unreadable or changing files).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    files_new: u64,
+    files_changed: u64,
+    files_unmodified: u64,
+    dirs: u64,
+    bytes_read: u64,
+    bytes_total: u64,
+}
+
+#[derive(Default)]
+struct Uploaded {
+    bytes: u64,
+    chunks: u64,
+}
+
+/// Seals and uploads chunks in bounded concurrent batches.
+struct Uploader {
+    repo: Repository,
+    pending: Vec<(ChunkId, Vec<u8>)>,
+    pending_bytes: usize,
+    seen: HashSet<ChunkId>,
+    sem: Arc<Semaphore>,
+    tasks: JoinSet<Result<Uploaded>>,
+    done: Uploaded,
+}
+
+impl Uploader {
+    fn new(repo: Repository) -> Self {
+        Self {
+            repo,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            seen: HashSet::new(),
+            sem: Arc::new(Semaphore::new(MAX_BATCHES)),
+            tasks: JoinSet::new(),
+            done: Uploaded::default(),
+        }
+    }
+
+    async fn add(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
+        if self.seen.len() >= SEEN_MAX {
+            self.seen.clear();
+        }
+        if !self.seen.insert(id) {
+            return Ok(());
+        }
+        self.pending_bytes += data.len();
+        self.pending.push((id, data));
+        if self.pending_bytes >= BATCH_BYTES || self.pending.len() >= BATCH_CHUNKS {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn reap(
+        &mut self,
+        r: std::result::Result<Result<Uploaded>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let u = r.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))??;
+        self.done.bytes += u.bytes;
+        self.done.chunks += u.chunks;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let permit = self
+            .sem
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore open");
+        while let Some(r) = self.tasks.try_join_next() {
+            self.reap(r)?;
+        }
+        let repo = self.repo.clone();
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            upload_batch(repo, batch).await
+        });
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<Uploaded> {
+        self.flush().await?;
+        while let Some(r) = self.tasks.join_next().await {
+            self.reap(r)?;
+        }
+        Ok(self.done)
+    }
+}
+
+async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Vec<u8>)>) -> Result<Uploaded> {
+    let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
+    let present = repo.cluster.has(&ids).await?;
+    let missing: Vec<(ChunkId, Vec<u8>)> = batch
+        .into_iter()
+        .zip(present)
+        .filter(|(_, p)| !p)
+        .map(|(b, _)| b)
+        .collect();
+    if missing.is_empty() {
+        return Ok(Uploaded::default());
+    }
+    let keys = repo.keys.clone();
+    let sealed = tokio::task::spawn_blocking(move || {
+        missing
+            .into_iter()
+            .map(|(id, p)| keys.seal(&id, &p).map(|b| (id, Bytes::from(b))))
+            .collect::<Result<Vec<_>>>()
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("sealing task failed: {e}")))??;
+    let up = Uploaded {
+        bytes: sealed.iter().map(|(_, b)| b.len() as u64).sum(),
+        chunks: sealed.len() as u64,
+    };
+    repo.cluster.put(sealed).await?;
+    Ok(up)
+}
+
+/// The selection of what to back up below one directory.
+enum Sel {
+    Whole,
+    Partial(BTreeMap<OsString, Sel>),
+}
+
+struct Job<'a> {
+    repo: &'a Repository,
+    opts: &'a BackupOptions,
+    excludes: GlobSet,
+    uploader: Uploader,
+    counters: Counters,
+    warnings: Vec<String>,
+    progress: &'a Progress,
+    use_parent: bool,
+}
+
+fn time_ns(sec: i64, nsec: i64) -> i64 {
+    sec.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+fn node_from_meta(name: &[u8], m: &std::fs::Metadata, kind: Kind) -> Node {
+    Node {
+        name: name.to_vec(),
+        kind,
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_ns: time_ns(m.mtime(), m.mtime_nsec()),
+        ctime_ns: time_ns(m.ctime(), m.ctime_nsec()),
+        size: if m.is_file() { m.len() } else { 0 },
+        dev: m.dev(),
+        inode: m.ino(),
+        nlink: m.nlink(),
+    }
+}
+
+impl Job<'_> {
+    fn excluded(&self, path: &Path) -> bool {
+        self.excludes.is_match(path)
+            || path
+                .file_name()
+                .is_some_and(|n| self.excludes.is_match(Path::new(n)))
+    }
+
+    fn warn(&mut self, msg: String) {
+        warn!("{msg}");
+        self.progress.warn(&msg);
+        self.warnings.push(msg);
+    }
+
+    async fn dir(
+        &mut self,
+        path: &Path,
+        sel: &Sel,
+        parent: Option<Tree>,
+        root_dev: u64,
+    ) -> Result<ChunkId> {
+        let mut tree = Tree::default();
+        let names: Vec<OsString> = match sel {
+            Sel::Partial(children) => children.keys().cloned().collect(),
+            Sel::Whole => {
+                let rd = match std::fs::read_dir(path) {
+                    Ok(rd) => rd,
+                    Err(e) => {
+                        self.warn(format!("{}: {e}", path.display()));
+                        return self.store_tree(&mut tree).await;
+                    }
+                };
+                let mut v = Vec::new();
+                for e in rd {
+                    match e {
+                        Ok(e) => v.push(e.file_name()),
+                        Err(e) => self.warn(format!("{}: {e}", path.display())),
+                    }
+                }
+                v.sort();
+                v
+            }
+        };
+        for name in names {
+            let child = path.join(&name);
+            let child_sel = match sel {
+                Sel::Partial(c) => &c[&name],
+                Sel::Whole => &Sel::Whole,
+            };
+            if matches!(child_sel, Sel::Whole) && self.excluded(&child) {
+                continue;
+            }
+            let meta = match std::fs::symlink_metadata(&child) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.warn(format!("{}: {e}", child.display()));
+                    continue;
+                }
+            };
+            let pnode = parent
+                .as_ref()
+                .and_then(|t| t.get(name.as_bytes()))
+                .cloned();
+            if let Some(node) = self
+                .entry(&child, name.as_bytes(), &meta, child_sel, pnode, root_dev)
+                .await?
+            {
+                tree.nodes.push(node);
+            }
+        }
+        self.counters.dirs += 1;
+        self.store_tree(&mut tree).await
+    }
+
+    async fn entry(
+        &mut self,
+        path: &Path,
+        name: &[u8],
+        meta: &std::fs::Metadata,
+        sel: &Sel,
+        parent: Option<Node>,
+        root_dev: u64,
+    ) -> Result<Option<Node>> {
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            if self.opts.one_file_system && meta.dev() != root_dev && matches!(sel, Sel::Whole) {
+                return Ok(None);
+            }
+            let ptree = match parent.as_ref().map(|p| &p.kind) {
+                Some(Kind::Dir { subtree }) if self.use_parent => {
+                    self.repo.tree(*subtree).await.ok()
+                }
+                _ => None,
+            };
+            let subtree = Box::pin(self.dir(path, sel, ptree, root_dev)).await?;
+            return Ok(Some(node_from_meta(name, meta, Kind::Dir { subtree })));
+        }
+        if ft.is_symlink() {
+            return match std::fs::read_link(path) {
+                Ok(t) => Ok(Some(node_from_meta(
+                    name,
+                    meta,
+                    Kind::Symlink {
+                        target: t.as_os_str().as_bytes().to_vec(),
+                    },
+                ))),
+                Err(e) => {
+                    self.warn(format!("{}: {e}", path.display()));
+                    Ok(None)
+                }
+            };
+        }
+        if !ft.is_file() {
+            // Devices, sockets and FIFOs are not backed up.
+            return Ok(None);
+        }
+        let mut node = node_from_meta(
+            name,
+            meta,
+            Kind::File {
+                content: Vec::new(),
+            },
+        );
+        self.counters.bytes_total += meta.len();
+        if self.use_parent {
+            if let Some(p) = &parent {
+                if let Kind::File { content } = &p.kind {
+                    if p.size == node.size
+                        && p.mtime_ns == node.mtime_ns
+                        && p.ctime_ns == node.ctime_ns
+                        && p.inode == node.inode
+                    {
+                        node.kind = Kind::File {
+                            content: content.clone(),
+                        };
+                        self.counters.files_unmodified += 1;
+                        self.progress.file_done(meta.len(), false);
+                        return Ok(Some(node));
+                    }
+                }
+            }
+        }
+        match self.read_file(path, meta).await {
+            Ok(content) => {
+                node.kind = Kind::File { content };
+                if parent.is_some() {
+                    self.counters.files_changed += 1;
+                } else {
+                    self.counters.files_new += 1;
+                }
+                Ok(Some(node))
+            }
+            Err(Error::Io { path, source }) => {
+                self.warn(format!("{path}: {source}"));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_file(
+        &mut self,
+        path: &Path,
+        before: &std::fs::Metadata,
+    ) -> Result<Vec<ChunkRef>> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let (tx, mut rx) = mpsc::channel::<std::io::Result<(ChunkId, Vec<u8>)>>(4);
+        let keys = self.repo.keys.clone();
+        let c = self.opts.chunker;
+        let reader = tokio::task::spawn_blocking(move || {
+            let cdc = fastcdc::v2020::StreamCDC::new(file, c.min, c.avg, c.max);
+            for chunk in cdc {
+                let msg = match chunk {
+                    Ok(ch) => Ok((keys.chunk_id(&ch.data), ch.data)),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                let stop = msg.is_err();
+                if tx.blocking_send(msg).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut content = Vec::new();
+        let mut read = 0u64;
+        while let Some(msg) = rx.recv().await {
+            let (id, data) = msg.map_err(|e| Error::io(path, e))?;
+            read += data.len() as u64;
+            self.progress.bytes(data.len() as u64);
+            content.push(ChunkRef {
+                id,
+                len: data.len() as u32,
+            });
+            self.uploader.add(id, data).await?;
+        }
+        reader
+            .await
+            .map_err(|e| Error::Invalid(format!("reader task failed: {e}")))?;
+        self.counters.bytes_read += read;
+        self.progress.file_done(0, true);
+        if let Ok(after) = std::fs::symlink_metadata(path) {
+            if after.len() != before.len()
+                || after.mtime() != before.mtime()
+                || after.mtime_nsec() != before.mtime_nsec()
+                || read != after.len()
+            {
+                self.warn(format!(
+                    "{}: file changed while it was read",
+                    path.display()
+                ));
+            }
+        }
+        Ok(content)
+    }
+
+    async fn store_tree(&mut self, tree: &mut Tree) -> Result<ChunkId> {
+        let bytes = tree.encode();
+        if bytes.len() > crate::cluster::MAX_CHUNK {
+            return Err(Error::Invalid("a directory listing exceeds 16 MiB".into()));
+        }
+        let id = self.repo.keys.chunk_id(&bytes);
+        self.uploader.add(id, bytes).await?;
+        Ok(id)
+    }
+}
+
+fn build_selection(paths: &[PathBuf]) -> Result<Sel> {
+    let mut root = BTreeMap::new();
+    for p in paths {
+        let comps: Vec<OsString> = p
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(n) => Some(n.to_os_string()),
+                _ => None,
+            })
+            .collect();
+        if comps.is_empty() {
+            return Err(Error::Invalid(
+                "backing up / as a whole is not supported; name its directories".into(),
+            ));
+        }
+        let mut cur = &mut root;
+        for (i, c) in comps.iter().enumerate() {
+            if i + 1 == comps.len() {
+                cur.insert(c.clone(), Sel::Whole);
+                break;
+            }
+            let e = cur
+                .entry(c.clone())
+                .or_insert_with(|| Sel::Partial(BTreeMap::new()));
+            match e {
+                Sel::Partial(m) => cur = m,
+                Sel::Whole => break, // an ancestor is backed up whole already
+            }
+        }
+    }
+    Ok(Sel::Partial(root))
+}
+
+impl Repository {
+    /// Backs up `paths` and commits a snapshot.
+    pub async fn backup(
+        &self,
+        paths: &[PathBuf],
+        opts: &BackupOptions,
+        progress: &Progress,
+    ) -> Result<BackupSummary> {
+        let start = Instant::now();
+        if paths.is_empty() {
+            return Err(Error::Invalid("nothing to back up".into()));
+        }
+        if opts.chunker.max as usize > crate::cluster::MAX_CHUNK
+            || opts.chunker.min > opts.chunker.avg
+            || opts.chunker.avg > opts.chunker.max
+        {
+            return Err(Error::Invalid(
+                "chunker bounds must satisfy min <= avg <= max <= 16 MiB".into(),
+            ));
+        }
+        let mut abs = Vec::new();
+        for p in paths {
+            abs.push(std::fs::canonicalize(p).map_err(|e| Error::io(p, e))?);
+        }
+        abs.sort();
+        abs.dedup();
+        let path_strs: Vec<String> = abs.iter().map(|p| p.display().to_string()).collect();
+        let mut builder = GlobSetBuilder::new();
+        for g in &opts.excludes {
+            builder.add(Glob::new(g).map_err(|e| Error::Invalid(format!("exclude {g:?}: {e}")))?);
+        }
+        let excludes = builder.build().map_err(|e| Error::Invalid(e.to_string()))?;
+
+        let parent = self.find_parent(opts, &path_strs).await?;
+        let kind = if parent.is_none() {
+            BackupKind::Full
+        } else {
+            opts.kind
+        };
+        let begin = BeginSnapshotRequest {
+            tenant: self.tenant.clone(),
+            host: opts.host.clone(),
+            paths: path_strs.clone(),
+            tags: opts.tags.clone(),
+            kind: kind.name().to_string(),
+            parent: parent.as_ref().map(|p| p.id.clone()).unwrap_or_default(),
+        };
+        let pending = self
+            .cluster
+            .coord
+            .call(|mut c| {
+                let r = begin.clone();
+                async move { c.begin_snapshot(r).await }
+            })
+            .await?;
+
+        let parent_tree = match &parent {
+            Some(p) => Some(self.tree(Self::root_of(p)?).await?),
+            None => None,
+        };
+        let sel = build_selection(&abs)?;
+        let root_dev = std::fs::metadata(&abs[0]).map(|m| m.dev()).unwrap_or(0);
+        let mut job = Job {
+            repo: self,
+            opts,
+            excludes,
+            uploader: Uploader::new(self.clone()),
+            counters: Counters::default(),
+            warnings: Vec::new(),
+            progress,
+            use_parent: parent.is_some(),
+        };
+        let root = job.dir(Path::new("/"), &sel, parent_tree, root_dev).await?;
+        // Commit only after every chunk is acknowledged.
+        let up = job.uploader.finish().await?;
+        let c = job.counters;
+        let stats = SnapshotStats {
+            files_new: c.files_new,
+            files_changed: c.files_changed,
+            files_unmodified: c.files_unmodified,
+            dirs: c.dirs,
+            bytes_read: c.bytes_read,
+            bytes_total: c.bytes_total,
+            bytes_uploaded: up.bytes,
+            chunks_uploaded: up.chunks,
+            duration_ms: start.elapsed().as_millis() as u64,
+            errors: job.warnings.len() as u64,
+        };
+        let commit = CommitSnapshotRequest {
+            id: pending.id.clone(),
+            root: root.0.to_vec(),
+            stats: Some(stats),
+        };
+        let rec: SnapshotRecord = self
+            .cluster
+            .coord
+            .call(|mut c| {
+                let r = commit.clone();
+                async move { c.commit_snapshot(r).await }
+            })
+            .await?;
+        progress.finish();
+        Ok(BackupSummary {
+            snapshot: rec.id,
+            parent: rec.parent,
+            kind: rec.kind,
+            files_new: c.files_new,
+            files_changed: c.files_changed,
+            files_unmodified: c.files_unmodified,
+            dirs: c.dirs,
+            bytes_read: c.bytes_read,
+            bytes_total: c.bytes_total,
+            bytes_uploaded: up.bytes,
+            chunks_uploaded: up.chunks,
+            duration_ms: start.elapsed().as_millis() as u64,
+            warnings: job.warnings,
+        })
+    }
+
+    async fn find_parent(
+        &self,
+        opts: &BackupOptions,
+        paths: &[String],
+    ) -> Result<Option<SnapshotRecord>> {
+        if opts.kind == BackupKind::Full {
+            return Ok(None);
+        }
+        let q = SnapshotQuery {
+            host: opts.host.clone(),
+            ..Default::default()
+        };
+        let mut list = self.snapshots(&q).await?;
+        list.retain(|s| {
+            s.paths == paths && (opts.kind == BackupKind::Incremental || s.kind == "full")
+        });
+        Ok(list.pop())
+    }
+}

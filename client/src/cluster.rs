@@ -1,0 +1,335 @@
+//! The client's view of the cluster: the coordinator (leader found automatically), the cached
+//! placement layout, and one channel per storage node.
+//!
+//! Writes go to a chunk's primary and fall over to the next replica of its partition when the
+//! primary is unreachable; reads try the replicas in order and fall back on any error or failed
+//! verification, recording the bad copy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
+use cairn_proto::chunk::{GetChunksRequest, HasChunksRequest, PutChunkRequest};
+use cairn_proto::coord_client::CoordClient;
+use cairn_proto::metadata::GetLayoutRequest;
+use cairn_proto::types::Layout;
+use cairn_proto::ChunkId;
+use tonic::transport::Channel;
+use tonic::Code;
+use tracing::{debug, warn};
+
+use crate::crypto::Keys;
+use crate::error::{Error, Result};
+
+/// A copy of a chunk that failed verification or could not be read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadCopy {
+    /// Chunk id (hex).
+    pub chunk: String,
+    /// Node id.
+    pub node: u64,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Connection to a cluster.
+pub struct Cluster {
+    /// The coordinator client.
+    pub coord: Arc<CoordClient>,
+    layout: RwLock<Arc<Layout>>,
+    channels: Mutex<HashMap<String, Channel>>,
+    bad: Mutex<Vec<BadCopy>>,
+}
+
+/// Largest plaintext chunk accepted on read.
+pub const MAX_CHUNK: usize = 16 * 1024 * 1024;
+
+impl Cluster {
+    /// Connects to the coordinators and fetches the layout.
+    pub async fn connect(coordinators: Vec<String>) -> Result<Arc<Self>> {
+        let coord = Arc::new(CoordClient::new(coordinators)?);
+        let c = Arc::new(Self {
+            coord,
+            layout: RwLock::new(Arc::new(Layout::default())),
+            channels: Mutex::new(HashMap::new()),
+            bad: Mutex::new(Vec::new()),
+        });
+        c.refresh_layout().await?;
+        Ok(c)
+    }
+
+    /// Fetches the current layout.
+    pub async fn refresh_layout(&self) -> Result<Arc<Layout>> {
+        let l = self
+            .coord
+            .call(
+                |mut c| async move { c.get_layout(GetLayoutRequest { allow_stale: false }).await },
+            )
+            .await?;
+        let l = Arc::new(l);
+        *self.layout.write().expect("layout lock") = l.clone();
+        Ok(l)
+    }
+
+    /// The cached layout.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.layout.read().expect("layout lock").clone()
+    }
+
+    /// Copies found bad so far.
+    pub fn bad_copies(&self) -> Vec<BadCopy> {
+        self.bad.lock().expect("bad lock").clone()
+    }
+
+    /// A client for the storage node at `addr`.
+    pub fn node(&self, addr: &str) -> Result<ChunkStoreClient<Channel>> {
+        let ch = {
+            let mut map = self.channels.lock().expect("channel lock");
+            match map.get(addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = cairn_proto::coord_client::endpoint(addr)?.connect_lazy();
+                    map.insert(addr.to_string(), c.clone());
+                    c
+                }
+            }
+        };
+        Ok(ChunkStoreClient::new(ch)
+            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
+    }
+
+    fn replicas(&self, layout: &Layout, id: &ChunkId) -> Vec<(u64, String)> {
+        layout
+            .replicas(id.partition())
+            .iter()
+            .filter_map(|n| layout.address(*n).map(|a| (*n, a.to_string())))
+            .collect()
+    }
+
+    /// Which ids the cluster already holds (asked of each chunk's primary, falling over to the
+    /// next replica). An id whose replicas cannot be asked counts as absent.
+    pub async fn has(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
+        let layout = self.layout();
+        let mut groups: BTreeMap<Vec<u64>, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            groups
+                .entry(layout.replicas(id.partition()).to_vec())
+                .or_default()
+                .push(i);
+        }
+        let mut out = vec![false; ids.len()];
+        let asks = groups.into_iter().map(|(set, idxs)| {
+            let layout = layout.clone();
+            async move {
+                let req: Vec<Bytes> = idxs
+                    .iter()
+                    .map(|&i| Bytes::copy_from_slice(&ids[i].0))
+                    .collect();
+                for n in set {
+                    let Some(addr) = layout.address(n) else {
+                        continue;
+                    };
+                    let Ok(mut c) = self.node(addr) else { continue };
+                    match c.has_chunks(HasChunksRequest { ids: req.clone() }).await {
+                        Ok(r) if r.get_ref().present.len() == idxs.len() => {
+                            return (idxs, r.into_inner().present);
+                        }
+                        Ok(_) => {}
+                        Err(e) => debug!(node = n, error = %e, "has-chunks failed"),
+                    }
+                }
+                let n = idxs.len();
+                (idxs, vec![false; n])
+            }
+        });
+        for (idxs, present) in futures::future::join_all(asks).await {
+            for (i, p) in idxs.into_iter().zip(present) {
+                out[i] = p;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads sealed blobs; returns once every one is acknowledged at the write quorum.
+    pub async fn put(&self, blobs: Vec<(ChunkId, Bytes)>) -> Result<()> {
+        let mut pending = blobs;
+        for attempt in 0..3 {
+            let layout = if attempt == 0 {
+                self.layout()
+            } else {
+                self.refresh_layout().await?
+            };
+            let mut groups: BTreeMap<Vec<u64>, Vec<(ChunkId, Bytes)>> = BTreeMap::new();
+            for (id, blob) in pending.drain(..) {
+                groups
+                    .entry(layout.replicas(id.partition()).to_vec())
+                    .or_default()
+                    .push((id, blob));
+            }
+            let sends = groups.into_iter().map(|(set, items)| {
+                let layout = layout.clone();
+                async move {
+                    let mut last = None;
+                    for n in &set {
+                        let Some(addr) = layout.address(*n) else {
+                            continue;
+                        };
+                        match self.put_to(addr, &items).await {
+                            Ok(()) => return Ok(()),
+                            Err(e) => {
+                                debug!(node = n, error = %e, "put failed; trying the next replica");
+                                last = Some(e);
+                            }
+                        }
+                    }
+                    Err((items, last))
+                }
+            });
+            let mut errors = Vec::new();
+            for r in futures::future::join_all(sends).await {
+                if let Err((items, e)) = r {
+                    pending.extend(items);
+                    errors.push(e);
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if attempt == 2 {
+                let e = errors.into_iter().flatten().next();
+                return Err(match e {
+                    Some(s) => Error::Rpc(s),
+                    None => Error::Rpc(tonic::Status::unavailable(
+                        "no storage node serves these chunks",
+                    )),
+                });
+            }
+        }
+        unreachable!("loop returns")
+    }
+
+    async fn put_to(
+        &self,
+        addr: &str,
+        items: &[(ChunkId, Bytes)],
+    ) -> std::result::Result<(), tonic::Status> {
+        let mut c = self
+            .node(addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let reqs: Vec<PutChunkRequest> = items
+            .iter()
+            .map(|(id, blob)| PutChunkRequest {
+                id: Bytes::copy_from_slice(&id.0),
+                hash: Bytes::copy_from_slice(&cairn_proto::blob_hash(blob)),
+                blob: blob.clone(),
+                replica: false,
+            })
+            .collect();
+        let mut stream = c.put_chunks(tokio_stream::iter(reqs)).await?.into_inner();
+        let mut acked = 0;
+        while let Some(_r) = stream.message().await? {
+            acked += 1;
+        }
+        if acked != items.len() {
+            return Err(tonic::Status::unavailable(format!(
+                "node acknowledged {acked} of {} chunks",
+                items.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Fetches, verifies and opens one chunk, falling back across replicas.
+    pub async fn get(&self, keys: &Keys, id: ChunkId) -> Result<Vec<u8>> {
+        let mut detail = Vec::new();
+        for attempt in 0..2 {
+            let layout = if attempt == 0 {
+                self.layout()
+            } else {
+                self.refresh_layout().await?
+            };
+            for (node, addr) in self.replicas(&layout, &id) {
+                match self.get_from(&addr, keys, id).await {
+                    Ok(p) => return Ok(p),
+                    Err(e) => {
+                        let integrity = matches!(e, Error::Integrity(_))
+                            || matches!(&e, Error::Rpc(s) if s.code() == Code::DataLoss);
+                        if integrity {
+                            warn!(chunk = %id, node, error = %e, "bad copy; trying another replica");
+                            self.bad.lock().expect("bad lock").push(BadCopy {
+                                chunk: id.to_hex(),
+                                node,
+                                error: e.to_string(),
+                            });
+                        }
+                        detail.push(format!("node {node}: {e}"));
+                    }
+                }
+            }
+        }
+        Err(Error::ChunkUnavailable {
+            id,
+            detail: detail.join("; "),
+        })
+    }
+
+    async fn get_from(&self, addr: &str, keys: &Keys, id: ChunkId) -> Result<Vec<u8>> {
+        let mut c = self.node(addr)?;
+        let mut s = c
+            .get_chunks(GetChunksRequest {
+                ids: vec![Bytes::copy_from_slice(&id.0)],
+            })
+            .await?
+            .into_inner();
+        let r = s
+            .message()
+            .await?
+            .ok_or_else(|| Error::Rpc(tonic::Status::unavailable("empty reply")))?;
+        if !r.error.is_empty() {
+            let code = if r.error.contains("corrupt") {
+                Code::DataLoss
+            } else {
+                Code::NotFound
+            };
+            return Err(Error::Rpc(tonic::Status::new(code, r.error)));
+        }
+        if cairn_proto::blob_hash(&r.blob) != r.hash.as_ref() {
+            return Err(Error::Integrity(format!(
+                "chunk {id}: blob does not match its hash"
+            )));
+        }
+        keys.open(&id, &r.blob, MAX_CHUNK)
+    }
+
+    /// Number of replicas holding each id (asks every replica of each partition).
+    pub async fn copies(&self, ids: &[ChunkId]) -> Result<Vec<u32>> {
+        let layout = self.layout();
+        let mut per_node: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            for n in layout.replicas(id.partition()) {
+                per_node.entry(*n).or_default().push(i);
+            }
+        }
+        let mut out = vec![0u32; ids.len()];
+        for (n, idxs) in per_node {
+            let Some(addr) = layout.address(n) else {
+                continue;
+            };
+            for part in idxs.chunks(crate::MAX_IDS_PER_CALL) {
+                let req: Vec<Bytes> = part
+                    .iter()
+                    .map(|&i| Bytes::copy_from_slice(&ids[i].0))
+                    .collect();
+                let Ok(mut c) = self.node(addr) else { continue };
+                if let Ok(r) = c.has_chunks(HasChunksRequest { ids: req }).await {
+                    for (&i, p) in part.iter().zip(r.into_inner().present) {
+                        out[i] += u32::from(p);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

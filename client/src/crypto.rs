@@ -1,0 +1,241 @@
+//! Keys and blob sealing.
+//!
+//! A tenant has a random 256-bit master key, stored in the coordinator only wrapped: encrypted
+//! with AES-256-GCM under a key derived from the password with argon2id. From the master key,
+//! BLAKE3's key derivation gives the chunk-id key (keyed BLAKE3 of the plaintext: dedup inside a
+//! tenant, no plaintext fingerprints across tenants) and the data key (AES-256-GCM).
+//!
+//! A blob is `version(1) | flags(1) | nonce(12) | AES-GCM(zstd(plaintext) or plaintext)`, with the
+//! chunk id as associated data, so a blob cannot be passed off under another id. Storage nodes
+//! only ever see blobs and blake3(blob).
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use cairn_proto::ChunkId;
+use rand::RngCore;
+
+use crate::error::{Error, Result};
+
+const BLOB_VERSION: u8 = 1;
+const FLAG_ZSTD: u8 = 1;
+/// KDF parameters of new tenants (argon2id; memory in KiB, iterations, lanes).
+pub const KDF: &str = "argon2id:m=65536,t=2,p=1";
+
+/// The keys of an unlocked tenant.
+#[derive(Clone)]
+pub struct Keys {
+    id_key: [u8; 32],
+    cipher: Aes256Gcm,
+    zstd_level: i32,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+fn kdf(password: &[u8], salt: &[u8], spec: &str) -> Result<[u8; 32]> {
+    let mut m = 65536;
+    let mut t = 2;
+    let mut p = 1;
+    let params = spec
+        .strip_prefix("argon2id:")
+        .ok_or_else(|| Error::Invalid(format!("unknown key derivation {spec:?}")))?;
+    for kv in params.split(',') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v: u32 = v
+            .parse()
+            .map_err(|_| Error::Invalid(format!("bad key derivation parameter {kv:?}")))?;
+        match k {
+            "m" => m = v,
+            "t" => t = v,
+            "p" => p = v,
+            _ => return Err(Error::Invalid(format!("unknown KDF parameter {k:?}"))),
+        }
+    }
+    let params = argon2::Params::new(m, t, p, Some(32))
+        .map_err(|e| Error::Invalid(format!("argon2 parameters: {e}")))?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = [0u8; 32];
+    a.hash_password_into(password, salt, &mut out)
+        .map_err(|e| Error::Invalid(format!("argon2: {e}")))?;
+    Ok(out)
+}
+
+/// Wrapped key material as stored in the coordinator.
+pub struct Wrapped {
+    /// nonce | AES-GCM(master key)
+    pub wrapped_key: Vec<u8>,
+    /// argon2 salt
+    pub salt: Vec<u8>,
+    /// KDF spec
+    pub kdf: String,
+}
+
+/// Creates a new random master key wrapped under `password`; returns it and the unlocked keys.
+pub fn new_master(password: &[u8], kdf_spec: &str) -> Result<(Wrapped, Keys)> {
+    let mut master = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut master);
+    let mut salt = vec![0u8; 16];
+    rand::thread_rng().fill_bytes(&mut salt);
+    let kek = kdf(password, &salt, kdf_spec)?;
+    let mut nonce = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let ct = Aes256Gcm::new(&kek.into())
+        .encrypt(Nonce::from_slice(&nonce), master.as_slice())
+        .map_err(|_| Error::Integrity("key wrapping failed".into()))?;
+    let mut wrapped_key = nonce.to_vec();
+    wrapped_key.extend(ct);
+    Ok((
+        Wrapped {
+            wrapped_key,
+            salt,
+            kdf: kdf_spec.to_string(),
+        },
+        Keys::from_master(&master),
+    ))
+}
+
+/// Unwraps a tenant's master key; `None` if the password is wrong.
+pub fn unwrap_master(password: &[u8], w: &Wrapped) -> Result<Option<Keys>> {
+    if w.wrapped_key.len() < 12 + 16 {
+        return Err(Error::Integrity("wrapped key too short".into()));
+    }
+    let kek = kdf(password, &w.salt, &w.kdf)?;
+    let (nonce, ct) = w.wrapped_key.split_at(12);
+    match Aes256Gcm::new(&kek.into()).decrypt(Nonce::from_slice(nonce), ct) {
+        Ok(master) if master.len() == 32 => Ok(Some(Keys::from_master(
+            master.as_slice().try_into().expect("32"),
+        ))),
+        _ => Ok(None),
+    }
+}
+
+impl Keys {
+    fn from_master(master: &[u8; 32]) -> Self {
+        let id_key = blake3::derive_key("cairn 2026 chunk id key", master);
+        let data_key = blake3::derive_key("cairn 2026 data encryption key", master);
+        Self {
+            id_key,
+            cipher: Aes256Gcm::new(&data_key.into()),
+            zstd_level: 3,
+        }
+    }
+
+    /// Sets the zstd level used by [`Keys::seal`] (0 turns compression off).
+    pub fn with_zstd_level(mut self, level: i32) -> Self {
+        self.zstd_level = level;
+        self
+    }
+
+    /// The chunk id of a plaintext.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.id_key, plaintext).as_bytes())
+    }
+
+    /// Compresses (when it helps) and encrypts a chunk into a blob.
+    pub fn seal(&self, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let compressed = if self.zstd_level > 0 {
+            zstd::bulk::compress(plaintext, self.zstd_level).ok()
+        } else {
+            None
+        };
+        let (flags, body) = match &compressed {
+            Some(c) if c.len() < plaintext.len() => (FLAG_ZSTD, c.as_slice()),
+            _ => (0, plaintext),
+        };
+        let mut nonce = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: body,
+                    aad: &id.0,
+                },
+            )
+            .map_err(|_| Error::Integrity("encryption failed".into()))?;
+        let mut blob = Vec::with_capacity(14 + ct.len());
+        blob.push(BLOB_VERSION);
+        blob.push(flags);
+        blob.extend_from_slice(&nonce);
+        blob.extend(ct);
+        Ok(blob)
+    }
+
+    /// Decrypts and decompresses a blob, and checks that the plaintext has the expected id.
+    pub fn open(&self, id: &ChunkId, blob: &[u8], max_len: usize) -> Result<Vec<u8>> {
+        if blob.len() < 14 + 16 || blob[0] != BLOB_VERSION {
+            return Err(Error::Integrity(format!("chunk {id}: malformed blob")));
+        }
+        let flags = blob[1];
+        let body = self
+            .cipher
+            .decrypt(
+                Nonce::from_slice(&blob[2..14]),
+                Payload {
+                    msg: &blob[14..],
+                    aad: &id.0,
+                },
+            )
+            .map_err(|_| Error::Integrity(format!("chunk {id}: authentication failed")))?;
+        let plain = if flags & FLAG_ZSTD != 0 {
+            zstd::bulk::decompress(&body, max_len)
+                .map_err(|e| Error::Integrity(format!("chunk {id}: decompression: {e}")))?
+        } else {
+            body
+        };
+        if self.chunk_id(&plain) != *id {
+            return Err(Error::Integrity(format!(
+                "chunk {id}: content does not match its id"
+            )));
+        }
+        Ok(plain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: &str = "argon2id:m=256,t=1,p=1";
+
+    #[test]
+    fn wrong_password_is_refused() {
+        let (w, k) = new_master(b"right", FAST).unwrap();
+        assert!(unwrap_master(b"wrong", &w).unwrap().is_none());
+        let k2 = unwrap_master(b"right", &w).unwrap().unwrap();
+        assert_eq!(k.chunk_id(b"x"), k2.chunk_id(b"x"));
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_tamper_detection() {
+        let (_, k) = new_master(b"pw", FAST).unwrap();
+        let data = b"hello hello hello hello hello hello".repeat(100);
+        let id = k.chunk_id(&data);
+        let blob = k.seal(&id, &data).unwrap();
+        assert!(blob.len() < data.len(), "compressed");
+        assert!(
+            !blob.windows(11).any(|w| w == b"hello hello"),
+            "no plaintext in blob"
+        );
+        assert_eq!(k.open(&id, &blob, 1 << 20).unwrap(), data);
+        let mut bad = blob.clone();
+        bad[20] ^= 1;
+        assert!(k.open(&id, &bad, 1 << 20).is_err());
+        let other = k.chunk_id(b"other");
+        assert!(
+            k.open(&other, &blob, 1 << 20).is_err(),
+            "blob bound to its id"
+        );
+    }
+
+    #[test]
+    fn tenants_do_not_share_fingerprints() {
+        let (_, a) = new_master(b"pw", FAST).unwrap();
+        let (_, b) = new_master(b"pw", FAST).unwrap();
+        assert_ne!(a.chunk_id(b"same"), b.chunk_id(b"same"));
+    }
+}
