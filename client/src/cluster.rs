@@ -176,7 +176,7 @@ impl Cluster {
                         let Some(addr) = layout.address(*n) else {
                             continue;
                         };
-                        match self.put_to(addr, &items).await {
+                        match self.put_to(addr, &items, layout.version).await {
                             Ok(()) => return Ok(()),
                             Err(e) => {
                                 debug!(node = n, error = %e, "put failed; trying the next replica");
@@ -214,6 +214,7 @@ impl Cluster {
         &self,
         addr: &str,
         items: &[(ChunkId, Bytes)],
+        layout_version: u64,
     ) -> std::result::Result<(), tonic::Status> {
         let mut c = self
             .node(addr)
@@ -225,6 +226,7 @@ impl Cluster {
                 hash: Bytes::copy_from_slice(&cairn_proto::blob_hash(blob)),
                 blob: blob.clone(),
                 replica: false,
+                layout_version,
             })
             .collect();
         let mut stream = c.put_chunks(tokio_stream::iter(reqs)).await?.into_inner();

@@ -173,12 +173,7 @@ impl Restorer<'_> {
                     c.id
                 )));
             }
-            if data.iter().all(|b| *b == 0) {
-                f.seek(SeekFrom::Current(data.len() as i64))
-                    .map_err(io(tmp))?;
-            } else {
-                f.write_all(&data).map_err(io(tmp))?;
-            }
+            write_sparse(&mut f, &data).map_err(io(tmp))?;
             self.progress.bytes(data.len() as u64);
         }
         f.set_len(size).map_err(io(tmp))?;
@@ -203,6 +198,23 @@ impl Restorer<'_> {
         filetime::set_symlink_file_times(path, mtime, mtime).map_err(io(path))?;
         Ok(())
     }
+}
+
+/// Writes `data`, seeking over 4 KiB blocks of zeros so that holes stay holes.
+fn write_sparse(f: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut run_start = 0;
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = (pos + BLOCK).min(data.len());
+        if data[pos..end].iter().all(|b| *b == 0) {
+            f.write_all(&data[run_start..pos])?;
+            f.seek(SeekFrom::Current((end - pos) as i64))?;
+            run_start = end;
+        }
+        pos = end;
+    }
+    f.write_all(&data[run_start..])
 }
 
 fn ensure_dir(p: &Path) -> Result<()> {

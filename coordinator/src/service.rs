@@ -199,6 +199,8 @@ impl Coordinator for CoordinatorService {
                 .filter(|s| s.status == SnapshotStatus::Committed)
                 .count() as u64,
             state: format!("{:?}", m.state),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }))
     }
 

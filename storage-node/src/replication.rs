@@ -161,7 +161,12 @@ impl Replicator {
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
     }
 
-    async fn check_served(&self, items: &[PutItem]) -> Result<(), ReplError> {
+    async fn check_served(&self, items: &[PutItem], sender_layout: u64) -> Result<(), ReplError> {
+        if sender_layout > self.me.layout().version {
+            if let Err(e) = self.me.refresh_layout().await {
+                warn!(error = %e, "layout refresh failed");
+            }
+        }
         for it in items {
             let p = it.id.partition();
             if !self.me.serves_fresh(p).await {
@@ -177,8 +182,12 @@ impl Replicator {
     }
 
     /// Stores chunks forwarded by another replica (no further forwarding).
-    pub async fn put_replica(&self, items: Vec<PutItem>) -> Result<Vec<Ack>, ReplError> {
-        self.check_served(&items).await?;
+    pub async fn put_replica(
+        &self,
+        items: Vec<PutItem>,
+        sender_layout: u64,
+    ) -> Result<Vec<Ack>, ReplError> {
+        self.check_served(&items, sender_layout).await?;
         let existed = self.store.put(items.clone()).await?;
         Ok(items
             .iter()
@@ -193,8 +202,12 @@ impl Replicator {
 
     /// Stores chunks from a client and replicates them; acknowledges each at R, or at W with
     /// the missing copies queued for repair.
-    pub async fn put_primary(&self, items: Vec<PutItem>) -> Result<Vec<Ack>, ReplError> {
-        self.check_served(&items).await?;
+    pub async fn put_primary(
+        &self,
+        items: Vec<PutItem>,
+        sender_layout: u64,
+    ) -> Result<Vec<Ack>, ReplError> {
+        self.check_served(&items, sender_layout).await?;
         let existed = self.store.put(items.clone()).await?;
         let layout = self.me.layout();
         let me = self.me.id();
@@ -216,6 +229,7 @@ impl Replicator {
                     blob: items[i].blob.clone(),
                     hash: Bytes::copy_from_slice(&items[i].hash),
                     replica: true,
+                    layout_version: layout.version,
                 })
                 .collect();
             async move {
@@ -355,6 +369,7 @@ impl Replicator {
                         blob: blob.into(),
                         hash: Bytes::copy_from_slice(&hash),
                         replica: true,
+                        layout_version: layout.version,
                     }),
                     Err(e) => {
                         warn!(chunk = %id, error = %e, "cannot repair: local copy unreadable");

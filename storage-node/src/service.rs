@@ -101,6 +101,7 @@ impl ChunkStoreRpc for ChunkService {
                     }
                 }
                 let replica = group[0].replica;
+                let sender_layout = group.iter().map(|m| m.layout_version).max().unwrap_or(0);
                 let result = async {
                     if group.iter().any(|m| m.replica != replica) {
                         return Err(ReplError::Invalid(
@@ -113,9 +114,9 @@ impl ChunkStoreRpc for ChunkService {
                         .map(|m| validate(&m.id, &m.blob, &m.hash))
                         .collect::<Result<Vec<_>, _>>()?;
                     if replica {
-                        repl.put_replica(items).await
+                        repl.put_replica(items, sender_layout).await
                     } else {
-                        repl.put_primary(items).await
+                        repl.put_primary(items, sender_layout).await
                     }
                 }
                 .await;
