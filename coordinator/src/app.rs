@@ -235,10 +235,17 @@ impl Running {
     /// Stops serving, stops background tasks, then stops Raft.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        match self.server.await {
-            Ok(Err(e)) => warn!(error = %e, "server ended with an error"),
-            Err(e) => warn!(error = %e, "server task failed"),
-            Ok(Ok(())) => {}
+        // Graceful: in-flight calls finish; peers' idle HTTP/2 connections are not waited for
+        // beyond a bound.
+        let mut server = self.server;
+        match tokio::time::timeout(Duration::from_secs(3), &mut server).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
+            Ok(Err(e)) => warn!(error = %e, "server task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                warn!("connections still open after 3 s; closing them");
+                server.abort();
+            }
         }
         let _ = self.liveness.await;
         if let Err(e) = self.node.raft.shutdown().await {

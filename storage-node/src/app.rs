@@ -189,8 +189,17 @@ impl Running {
     /// Stops serving, stops the workers, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        if let Ok(Err(e)) = self.server.await {
-            warn!(error = %e, "server ended with an error");
+        // Graceful: in-flight calls finish; peers' idle HTTP/2 connections are not waited for
+        // beyond a bound.
+        let mut server = self.server;
+        match tokio::time::timeout(Duration::from_secs(3), &mut server).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
+            Ok(Err(e)) => warn!(error = %e, "server task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                warn!("connections still open after 3 s; closing them");
+                server.abort();
+            }
         }
         for t in self.tasks {
             let _ = t.await;
