@@ -240,7 +240,7 @@ fn bytes(n: u64) -> String {
 }
 
 fn snap_json(s: &SnapshotRecord) -> serde_json::Value {
-    let st = s.stats.clone().unwrap_or_default();
+    let st = s.stats.unwrap_or_default();
     json!({
         "id": s.id, "short_id": &s.id[..8.min(s.id.len())], "time": fmt_time(s.time_unix_nanos),
         "host": s.host, "paths": s.paths, "tags": s.tags, "kind": s.kind, "parent": s.parent,
@@ -419,7 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "ID", "TIME", "HOST", "TYPE", "SIZE"
                 );
                 for s in &list {
-                    let st = s.stats.clone().unwrap_or_default();
+                    let st = s.stats.unwrap_or_default();
                     println!(
                         "{:<10} {:<21} {:<14} {:<13} {:>10}  {}",
                         &s.id[..8],

@@ -67,6 +67,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// One RPC of the Raft service, as a function of a client and a request.
+type RaftCall = fn(
+    RaftServiceClient<Channel>,
+    tonic::Request<RaftMessage>,
+) -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftMessage>, tonic::Status>>;
+
 /// A connection to one peer.
 pub struct PeerClient {
     target: NodeId,
@@ -80,13 +86,7 @@ struct TransportError(String);
 impl PeerClient {
     async fn call<Req, Resp, E>(
         &mut self,
-        method: fn(
-            RaftServiceClient<Channel>,
-            tonic::Request<RaftMessage>,
-        ) -> futures::future::BoxFuture<
-            'static,
-            Result<tonic::Response<RaftMessage>, tonic::Status>,
-        >,
+        method: RaftCall,
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>

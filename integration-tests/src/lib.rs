@@ -370,14 +370,13 @@ impl TestCluster {
 
     /// Waits for a leader among the running coordinators; returns its 0-based index.
     pub async fn leader(&mut self) -> usize {
-        let n = self.coordinators.len();
         let running: Vec<bool> = self.coordinators.iter_mut().map(|c| c.running()).collect();
         let this = &*self;
         wait_for("a coordinator leader", Duration::from_secs(30), || {
             let running = running.clone();
             async move {
-                for i in 0..n {
-                    if !running[i] {
+                for (i, up) in running.iter().enumerate() {
+                    if !up {
                         continue;
                     }
                     if let Some(s) = this.status_of(i).await {

@@ -124,7 +124,7 @@ impl CoordClient {
             self.redirect(&addr, leader);
             tries += 1;
             // A named leader is tried at once; otherwise back off after a full round.
-            if !direct || tries % self.addrs.len().max(1) == 0 {
+            if !direct || tries.is_multiple_of(self.addrs.len().max(1)) {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }

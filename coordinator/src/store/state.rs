@@ -48,6 +48,9 @@ fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The last applied log id and the membership it carries.
+pub type Applied = (Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>);
+
 /// Read access to the state (a cheap handle over the sled tree).
 #[derive(Clone)]
 pub struct StateReader {
@@ -66,12 +69,7 @@ impl StateReader {
     }
 
     /// Last applied log id and membership.
-    pub fn applied(
-        &self,
-    ) -> R<(
-        Option<LogId<NodeId>>,
-        StoredMembership<NodeId, openraft::BasicNode>,
-    )> {
+    pub fn applied(&self) -> R<Applied> {
         Ok((
             self.get::<Option<LogId<NodeId>>>(APPLIED)?.flatten(),
             self.get(MEMBERSHIP)?.unwrap_or_default(),

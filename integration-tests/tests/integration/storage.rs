@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -111,7 +111,7 @@ async fn kill9_during_writes_loses_no_acknowledged_chunk() {
     let cluster = cairn_client::Cluster::connect(c.coordinator_addrs.clone())
         .await
         .unwrap();
-    let acked: Arc<Mutex<Vec<(ChunkId, [u8; 32])>>> = Default::default();
+    let acked: cairn_integration_tests::Shared<Vec<(ChunkId, [u8; 32])>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
