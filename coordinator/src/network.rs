@@ -68,10 +68,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 /// One RPC of the Raft service, as a function of a client and a request.
-type RaftCall = fn(
-    RaftServiceClient<Channel>,
-    tonic::Request<RaftMessage>,
-) -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftMessage>, tonic::Status>>;
+type RaftCall =
+    fn(
+        RaftServiceClient<Channel>,
+        tonic::Request<RaftMessage>,
+    )
+        -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftMessage>, tonic::Status>>;
 
 /// A connection to one peer.
 pub struct PeerClient {

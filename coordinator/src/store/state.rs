@@ -49,7 +49,10 @@ fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
 }
 
 /// The last applied log id and the membership it carries.
-pub type Applied = (Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>);
+pub type Applied = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, openraft::BasicNode>,
+);
 
 /// Read access to the state (a cheap handle over the sled tree).
 #[derive(Clone)]
