@@ -3,10 +3,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     let files = [
+        "proto/chunk.proto",
         "proto/types.proto",
         "proto/raft.proto",
         "proto/metadata.proto",
-        "proto/chunk.proto",
     ];
     tonic_build::configure()
         .bytes([".cairn.chunk"])

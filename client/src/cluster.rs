@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
-use cairn_proto::chunk::{GetChunksRequest, HasChunksRequest, PutChunkRequest};
+use cairn_proto::chunk::{GetChunksRequest, HasChunksRequest, PutChunkRequest, ReportBadRequest};
 use cairn_proto::coord_client::CoordClient;
 use cairn_proto::metadata::GetLayoutRequest;
 use cairn_proto::types::Layout;
@@ -98,14 +98,6 @@ impl Cluster {
         Ok(ChunkStoreClient::new(ch)
             .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
-    }
-
-    fn replicas(&self, layout: &Layout, id: &ChunkId) -> Vec<(u64, String)> {
-        layout
-            .replicas(id.partition())
-            .iter()
-            .filter_map(|n| layout.address(*n).map(|a| (*n, a.to_string())))
-            .collect()
     }
 
     /// Which ids the cluster already holds (asked of each chunk's primary, falling over to the
@@ -243,21 +235,57 @@ impl Cluster {
         Ok(())
     }
 
-    /// Fetches, verifies and opens one chunk, falling back across replicas.
+    /// Where a chunk may be, in the order to try: its replicas, then the replicas of the
+    /// previous layout version (data still moving), then every other node.
+    fn read_order(&self, layout: &Layout, id: &ChunkId) -> Vec<(u64, String, bool)> {
+        let p = id.partition();
+        let mut order: Vec<(u64, String, bool)> = Vec::new();
+        let mut push = |n: u64, owner: bool| {
+            if !order.iter().any(|(m, _, _)| *m == n) {
+                if let Some(a) = layout.address(n) {
+                    order.push((n, a.to_string(), owner));
+                }
+            }
+        };
+        for n in layout.replicas(p) {
+            push(*n, true);
+        }
+        if let Some(prev) = layout.previous.get(p as usize) {
+            for n in &prev.nodes {
+                push(*n, false);
+            }
+        }
+        let mut rest: Vec<u64> = layout.addresses.keys().copied().collect();
+        rest.sort_unstable();
+        for n in rest {
+            push(n, false);
+        }
+        order
+    }
+
+    /// Fetches, verifies and opens one chunk, falling back across replicas. A replica that
+    /// should hold the chunk but returned nothing usable is told, so that it fetches a good copy.
     pub async fn get(&self, keys: &Keys, id: ChunkId) -> Result<Vec<u8>> {
         let mut detail = Vec::new();
+        let mut to_report: Vec<String> = Vec::new();
         for attempt in 0..2 {
             let layout = if attempt == 0 {
                 self.layout()
             } else {
                 self.refresh_layout().await?
             };
-            for (node, addr) in self.replicas(&layout, &id) {
+            for (node, addr, owner) in self.read_order(&layout, &id) {
                 match self.get_from(&addr, keys, id).await {
-                    Ok(p) => return Ok(p),
+                    Ok(p) => {
+                        for a in to_report {
+                            self.report_bad(&a, id).await;
+                        }
+                        return Ok(p);
+                    }
                     Err(e) => {
                         let integrity = matches!(e, Error::Integrity(_))
                             || matches!(&e, Error::Rpc(s) if s.code() == Code::DataLoss);
+                        let missing = matches!(&e, Error::Rpc(s) if s.code() == Code::NotFound);
                         if integrity {
                             warn!(chunk = %id, node, error = %e, "bad copy; trying another replica");
                             self.bad.lock().expect("bad lock").push(BadCopy {
@@ -265,6 +293,9 @@ impl Cluster {
                                 node,
                                 error: e.to_string(),
                             });
+                        }
+                        if owner && (integrity || missing) && !to_report.contains(&addr) {
+                            to_report.push(addr.clone());
                         }
                         detail.push(format!("node {node}: {e}"));
                     }
@@ -275,6 +306,15 @@ impl Cluster {
             id,
             detail: detail.join("; "),
         })
+    }
+
+    async fn report_bad(&self, addr: &str, id: ChunkId) {
+        let Ok(mut c) = self.node(addr) else { return };
+        let req = ReportBadRequest {
+            ids: vec![Bytes::copy_from_slice(&id.0)],
+        };
+        // Best effort: the node's own anti-entropy finds the gap anyway.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), c.report_bad(req)).await;
     }
 
     async fn get_from(&self, addr: &str, keys: &Keys, id: ChunkId) -> Result<Vec<u8>> {

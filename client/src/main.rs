@@ -255,7 +255,34 @@ fn snap_json(s: &SnapshotRecord) -> serde_json::Value {
 fn node_json(n: &NodeInfo) -> serde_json::Value {
     json!({"id": n.id, "address": n.address, "zone": n.zone, "state": NodeState::try_from(n.state).unwrap_or(NodeState::Unspecified).name(),
            "capacity": n.capacity, "used": n.used, "chunks": n.chunks, "under_replicated": n.under_replicated,
-           "heartbeat_age_ms": n.heartbeat_age_ms})
+           "heartbeat_age_ms": n.heartbeat_age_ms,
+           "healing": n.healing.map(|h| json!({"partitions_out_of_sync": h.partitions_out_of_sync, "chunks_pushed": h.chunks_pushed,
+               "chunks_offloaded": h.chunks_offloaded, "resync_passes": h.resync_passes, "scrub_checked": h.scrub_checked,
+               "scrub_total": h.scrub_total, "scrub_passes": h.scrub_passes, "corrupt_found": h.corrupt_found, "repaired": h.repaired}))})
+}
+
+fn print_healing(nodes: &[NodeInfo]) {
+    println!(
+        "{:>4}  {:>8} {:>9} {:>10} {:>8} {:>14} {:>8} {:>9}",
+        "ID", "OUT-SYNC", "PUSHED", "OFFLOADED", "PASSES", "SCRUB", "CORRUPT", "REPAIRED"
+    );
+    for n in nodes {
+        let h = n.healing.unwrap_or_default();
+        println!(
+            "{:>4}  {:>8} {:>9} {:>10} {:>8} {:>14} {:>8} {:>9}",
+            n.id,
+            h.partitions_out_of_sync,
+            h.chunks_pushed,
+            h.chunks_offloaded,
+            h.resync_passes,
+            format!(
+                "{}/{} (#{})",
+                h.scrub_checked, h.scrub_total, h.scrub_passes
+            ),
+            h.corrupt_found,
+            h.repaired
+        );
+    }
 }
 
 fn print_nodes(nodes: &[NodeInfo]) {
@@ -667,11 +694,18 @@ async fn cluster_cmd(ctx: &Ctx, c: ClusterCmd) -> anyhow::Result<()> {
                         if m.voter { "voter" } else { "learner" }
                     );
                 }
+                let out_of_sync: u64 = nodes
+                    .iter()
+                    .filter_map(|n| n.healing)
+                    .map(|h| h.partitions_out_of_sync)
+                    .sum();
                 println!(
-                    "layout version {}, R={} W={}, {} snapshots, {} copies owed (under-replicated)",
-                    s.layout_version, s.replicas, s.write_quorum, s.snapshots, under
+                    "layout version {}, R={} W={}, {} snapshots, {} copies owed (under-replicated), {} partition replicas out of sync",
+                    s.layout_version, s.replicas, s.write_quorum, s.snapshots, under, out_of_sync
                 );
                 print_nodes(&nodes);
+                println!("self-healing (anti-entropy, rebalance, drain, scrub):");
+                print_healing(&nodes);
             }
         }
         ClusterCmd::Nodes => {

@@ -33,6 +33,8 @@ pub struct Layout {
     pub write_quorum: u32,
     /// Replica list per partition, primary first.
     pub partitions: Vec<Vec<u64>>,
+    /// The assignment of the previous version (where data may still be while it moves).
+    pub previous: Vec<Vec<u64>>,
 }
 
 fn score(partition: u32, node: u64, capacity: u64) -> f64 {

@@ -57,6 +57,8 @@ pub struct LivenessConfig {
 /// Usage a node last reported.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
+    /// Self-healing counters.
+    pub healing: Option<cairn_proto::chunk::HealingStats>,
     /// Bytes stored.
     pub used: u64,
     /// Chunks stored.

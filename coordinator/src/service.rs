@@ -77,6 +77,7 @@ impl CoordinatorService {
             state: n.state.to_proto() as i32,
             heartbeat_age_ms: age.map(|a| a.as_millis() as u64),
             under_replicated: usage.under_replicated,
+            healing: usage.healing,
         }
     }
 
@@ -105,9 +106,15 @@ pub fn layout_to_proto(l: &Layout, nodes: &[NodeRecord]) -> pt::Layout {
             .iter()
             .map(|p| pt::PartitionReplicas { nodes: p.clone() })
             .collect(),
+        previous: l
+            .previous
+            .iter()
+            .map(|p| pt::PartitionReplicas { nodes: p.clone() })
+            .collect(),
+        // Every node that may hold data (Draining ones too), so that reads can find it.
         addresses: nodes
             .iter()
-            .filter(|n| n.state.in_layout())
+            .filter(|n| n.state != NodeState::Out)
             .map(|n| (n.id, n.address.clone()))
             .collect(),
     }
@@ -272,6 +279,7 @@ impl Coordinator for CoordinatorService {
                     used: r.used,
                     chunks: r.chunks,
                     under_replicated: r.under_replicated,
+                    healing: r.healing,
                 },
             )
             .await

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::chunkstore::{ChunkStore, StoreError};
+use crate::healing::{HealConfig, Healer};
 use crate::membership::{Membership, MembershipError};
 use crate::replication::Replicator;
 use crate::service::ChunkService;
@@ -43,6 +44,19 @@ pub struct Config {
     /// Repair queue period.
     #[serde(default = "d_repair")]
     pub repair_ms: u64,
+    /// Anti-entropy period (also runs on every layout change).
+    #[serde(default = "d_resync")]
+    pub resync_ms: u64,
+    /// Pause between scrub passes.
+    #[serde(default = "d_scrub")]
+    pub scrub_ms: u64,
+}
+
+fn d_resync() -> u64 {
+    60_000
+}
+fn d_scrub() -> u64 {
+    7 * 24 * 3600 * 1000
 }
 
 fn d_zone() -> String {
@@ -142,12 +156,21 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let me =
         Membership::register(&cfg.data_dir, coord, advertise, cfg.zone.clone(), capacity).await?;
     let repl = Replicator::new(me.clone(), store.clone())?;
+    let healer = Healer::new(
+        me.clone(),
+        store.clone(),
+        repl.clone(),
+        HealConfig {
+            resync: Duration::from_millis(cfg.resync_ms),
+            scrub: Duration::from_millis(cfg.scrub_ms),
+        },
+    );
 
     let (tx, rx) = watch::channel(false);
     let mut srx = rx.clone();
     let tasks = vec![
         tokio::spawn(me.clone().run_heartbeats(
-            repl.clone(),
+            healer.clone(),
             Duration::from_millis(cfg.heartbeat_ms),
             rx.clone(),
         )),
@@ -156,7 +179,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 .run_repairs(Duration::from_millis(cfg.repair_ms), rx.clone()),
         ),
     ];
-    let svc = ChunkStoreServer::new(ChunkService::new(store.clone(), repl, me.clone()))
+    let svc = ChunkStoreServer::new(ChunkService::new(store.clone(), repl, me.clone(), healer))
         .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE);
     let incoming = futures::stream::unfold(listener, |l| async move {

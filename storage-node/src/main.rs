@@ -37,6 +37,12 @@ struct Args {
     /// Heartbeat period in ms.
     #[arg(long, env = "CAIRN_HEARTBEAT_MS")]
     heartbeat_ms: Option<u64>,
+    /// Anti-entropy period in ms.
+    #[arg(long, env = "CAIRN_RESYNC_MS")]
+    resync_ms: Option<u64>,
+    /// Pause between scrub passes in ms.
+    #[arg(long, env = "CAIRN_SCRUB_MS")]
+    scrub_ms: Option<u64>,
     /// TOML configuration file (keys as the long flags).
     #[arg(long, env = "CAIRN_CONFIG")]
     config: Option<PathBuf>,

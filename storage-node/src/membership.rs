@@ -13,9 +13,21 @@ use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
 /// What the node reports in heartbeats.
+pub struct Usage {
+    /// Bytes stored.
+    pub used: u64,
+    /// Chunks stored.
+    pub chunks: u64,
+    /// Copies owed to other replicas.
+    pub under_replicated: u64,
+    /// Self-healing counters.
+    pub healing: Option<cairn_proto::chunk::HealingStats>,
+}
+
+/// Where heartbeats get their figures.
 pub trait UsageSource: Send + Sync {
-    /// (bytes stored, chunks stored, copies owed to other replicas)
-    fn usage(&self) -> (u64, u64, u64);
+    /// Current usage.
+    fn usage(&self) -> Usage;
 }
 
 /// Identity and layout of this node.
@@ -173,14 +185,15 @@ impl Membership {
                 _ = tokio::time::sleep(period) => {}
                 _ = shutdown.changed() => return,
             }
-            let (used, chunks, under) = usage.usage();
+            let u = usage.usage();
             let req = HeartbeatRequest {
                 id: self.id(),
                 secret: self.secret.clone(),
-                used,
-                chunks,
-                under_replicated: under,
+                used: u.used,
+                chunks: u.chunks,
+                under_replicated: u.under_replicated,
                 layout_version: self.layout().version,
+                healing: u.healing,
             };
             let res = self
                 .coord

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::chunkstore::{ChunkStore, PutItem, StoreError};
-use crate::membership::{Membership, UsageSource};
+use crate::membership::Membership;
 
 /// How long a forward to one replica may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -144,7 +144,8 @@ impl Replicator {
         self.repairs_done.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, tonic::Status> {
+    /// A client for the storage node at `addr` (channels are cached).
+    pub fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, tonic::Status> {
         let ch = {
             let mut map = self.channels.lock().expect("channel cache lock");
             match map.get(addr) {
@@ -283,7 +284,8 @@ impl Replicator {
         Ok(acks)
     }
 
-    async fn forward(
+    /// Sends chunks to a replica; returns the ids it acknowledged.
+    pub async fn forward(
         &self,
         addr: &str,
         batch: Vec<PutChunkRequest>,
@@ -423,12 +425,5 @@ impl Replicator {
                 warn!(error = %e, "repair pass failed");
             }
         }
-    }
-}
-
-impl UsageSource for Replicator {
-    fn usage(&self) -> (u64, u64, u64) {
-        let s = self.store.stats();
-        (s.bytes, s.chunks, self.under_replicated())
     }
 }

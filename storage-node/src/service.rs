@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::chunkstore::{ChunkStore, StoreError};
+use crate::healing::Healer;
 use crate::membership::Membership;
 use crate::replication::{validate, ReplError, Replicator};
 
@@ -44,12 +45,23 @@ pub struct ChunkService {
     store: ChunkStore,
     repl: Arc<Replicator>,
     me: Arc<Membership>,
+    healer: Arc<Healer>,
 }
 
 impl ChunkService {
-    /// Serves `store` through `repl`.
-    pub fn new(store: ChunkStore, repl: Arc<Replicator>, me: Arc<Membership>) -> Self {
-        Self { store, repl, me }
+    /// Serves `store` through `repl`; `healer` learns of corrupt or missing copies.
+    pub fn new(
+        store: ChunkStore,
+        repl: Arc<Replicator>,
+        me: Arc<Membership>,
+        healer: Arc<Healer>,
+    ) -> Self {
+        Self {
+            store,
+            repl,
+            me,
+            healer,
+        }
     }
 }
 
@@ -149,10 +161,15 @@ impl ChunkStoreRpc for ChunkService {
     ) -> Result<Response<Self::GetChunksStream>, Status> {
         let ids = ids(&req.into_inner().ids)?;
         let store = self.store.clone();
+        let healer = self.healer.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             for id in ids {
-                let reply = match store.get(id).await {
+                let got = store.get(id).await;
+                if let Err(StoreError::Corrupt(id)) = &got {
+                    healer.report(&[*id], true);
+                }
+                let reply = match got {
                     Ok((blob, hash)) => GetChunkReply {
                         id: Bytes::copy_from_slice(&id.0),
                         blob: blob.into(),
@@ -196,7 +213,46 @@ impl ChunkStoreRpc for ChunkService {
             corrupt_found: s.corrupt_found,
             layout_version: self.me.layout().version,
             repairs_done: self.repl.repairs_done(),
+            healing: Some(self.healer.stats()),
         }))
+    }
+
+    async fn partition_digests(
+        &self,
+        req: Request<PartitionDigestsRequest>,
+    ) -> Result<Response<PartitionDigestsReply>, Status> {
+        let parts = req.into_inner().partitions;
+        if parts.len() > cairn_proto::PARTITIONS as usize
+            || parts.iter().any(|p| *p >= cairn_proto::PARTITIONS)
+        {
+            return Err(Status::invalid_argument("partition out of range"));
+        }
+        let mut reply = PartitionDigestsReply::default();
+        for p in parts {
+            let (d, n) = self
+                .store
+                .partition_digest(p)
+                .map_err(|e| to_status(e.into()))?;
+            reply.digests.push(Bytes::copy_from_slice(&d));
+            reply.counts.push(n);
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn report_bad(
+        &self,
+        req: Request<ReportBadRequest>,
+    ) -> Result<Response<ReportBadReply>, Status> {
+        let ids = ids(&req.into_inner().ids)?;
+        let present = self.store.has(&ids).map_err(|e| to_status(e.into()))?;
+        let missing: Vec<ChunkId> = ids
+            .into_iter()
+            .zip(present)
+            .filter(|(_, p)| !p)
+            .map(|(i, _)| i)
+            .collect();
+        let queued = self.healer.report(&missing, false) as u32;
+        Ok(Response::new(ReportBadReply { queued }))
     }
 
     async fn list_chunks(

@@ -93,6 +93,7 @@ impl StateReader {
             replicas: DEFAULT_REPLICAS,
             write_quorum: layout::majority(DEFAULT_REPLICAS),
             partitions: Vec::new(),
+            previous: Vec::new(),
         }))
     }
     /// A tenant by name.
@@ -301,11 +302,17 @@ fn relayout(
     let partitions = layout::compute(&candidates, replicas);
     if partitions != old.partitions || replicas != old.replicas || write_quorum != old.write_quorum
     {
+        let previous = if partitions != old.partitions {
+            old.partitions
+        } else {
+            old.previous
+        };
         let new = Layout {
             version: old.version + 1,
             replicas,
             write_quorum,
             partitions,
+            previous,
         };
         batch.insert(LAYOUT, encode(&new));
     }

@@ -149,6 +149,15 @@ pub struct ChunkStore {
     writer: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
+/// blake3 over ids in the given (sorted) order.
+pub fn digest(ids: &[ChunkId]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for id in ids {
+        h.update(&id.0);
+    }
+    *h.finalize().as_bytes()
+}
+
 const FRONTIER: &[u8] = b"frontier";
 const CORRUPT: &[u8] = b"corrupt_found";
 const DEAD: &[u8] = b"dead/";
@@ -284,17 +293,29 @@ impl ChunkStore {
         res
     }
 
-    /// Ids held in partitions `[start, end)`.
+    /// Ids held in partitions `[start, end)`, in id order (a range scan: ids sort by partition).
     pub fn list(&self, start: u32, end: u32) -> Result<Vec<ChunkId>, StoreError> {
+        let key = |p: u32| -> Vec<u8> {
+            let top = (p << (16 - cairn_proto::PARTITION_BITS)) as u16;
+            top.to_be_bytes().to_vec()
+        };
+        let iter = if end >= cairn_proto::PARTITIONS {
+            self.shared.index.range(key(start)..)
+        } else {
+            self.shared.index.range(key(start)..key(end))
+        };
         let mut out = Vec::new();
-        for k in self.shared.index.iter().keys() {
+        for k in iter.keys() {
             let id = ChunkId::from_slice(&k?).map_err(|e| io::Error::other(e.to_string()))?;
-            let p = id.partition();
-            if p >= start && p < end {
-                out.push(id);
-            }
+            out.push(id);
         }
         Ok(out)
+    }
+
+    /// blake3 over the sorted ids held in one partition, and their count.
+    pub fn partition_digest(&self, partition: u32) -> Result<([u8; 32], u64), StoreError> {
+        let ids = self.list(partition, partition + 1)?;
+        Ok((digest(&ids), ids.len() as u64))
     }
 
     /// A tree in the store's database for other persisted state of the node (repair queue).
