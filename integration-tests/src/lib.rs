@@ -191,6 +191,10 @@ pub struct Spec {
     pub node_out_ms: u64,
     /// Zones to spread nodes over.
     pub zones: usize,
+    /// Storage nodes' anti-entropy period.
+    pub resync_ms: u64,
+    /// Storage nodes' pause between scrub passes.
+    pub scrub_ms: u64,
 }
 
 impl Default for Spec {
@@ -203,6 +207,8 @@ impl Default for Spec {
             node_down_ms: 3000,
             node_out_ms: 600_000,
             zones: 3,
+            resync_ms: 500,
+            scrub_ms: 3_600_000,
         }
     }
 }
@@ -318,6 +324,10 @@ impl TestCluster {
             format!("zone-{}", i % self.spec.zones.max(1)),
             "--heartbeat-ms".into(),
             "300".into(),
+            "--resync-ms".into(),
+            self.spec.resync_ms.to_string(),
+            "--scrub-ms".into(),
+            self.spec.scrub_ms.to_string(),
         ];
         self.nodes.push(Proc::start(
             format!("node-{i}"),
@@ -496,6 +506,21 @@ impl TestCluster {
 }
 
 pub mod fixtures;
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in self.coordinators.iter().chain(&self.nodes) {
+                let log = p.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- last lines of {} ----", p.name);
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
 
 /// Shares a value between a test and its background tasks.
 pub type Shared<T> = Arc<std::sync::Mutex<T>>;

@@ -178,6 +178,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             repl.clone()
                 .run_repairs(Duration::from_millis(cfg.repair_ms), rx.clone()),
         ),
+        tokio::spawn(healer.clone().run_resync(rx.clone())),
+        tokio::spawn(healer.clone().run_scrub(rx.clone())),
+        tokio::spawn(healer.clone().run_pulls(rx.clone())),
     ];
     let svc = ChunkStoreServer::new(ChunkService::new(store.clone(), repl, me.clone(), healer))
         .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)

@@ -234,6 +234,9 @@ impl Healer {
         let me = self.me.id();
         let r = layout.replicas as usize;
         let mut out_of_sync = 0u64;
+        // Peers that failed once in this pass are skipped for the rest of it.
+        let mut dead: std::collections::HashSet<u64> = Default::default();
+        debug!(version = layout.version, "anti-entropy pass");
         let mut start = 0;
         while start < PARTITIONS {
             let end = (start + SLICE).min(PARTITIONS);
@@ -252,9 +255,12 @@ impl Healer {
                 }
             }
             for (peer, parts) in per_peer {
-                let Some(addr) = layout.address(peer).map(str::to_string) else {
-                    out_of_sync += parts.len() as u64;
-                    continue;
+                let addr = match layout.address(peer) {
+                    Some(a) if !dead.contains(&peer) => a.to_string(),
+                    _ => {
+                        out_of_sync += parts.len() as u64;
+                        continue;
+                    }
                 };
                 let digests = self
                     .repl
@@ -268,6 +274,7 @@ impl Healer {
                     Ok(d) => d.into_inner().digests,
                     Err(e) => {
                         debug!(peer, error = %e, "digest request failed");
+                        dead.insert(peer);
                         out_of_sync += parts.len() as u64;
                         continue;
                     }
@@ -300,12 +307,13 @@ impl Healer {
                 let mut ok = true;
                 for n in desired {
                     let present = match layout.address(*n) {
-                        Some(a) => self.has(a, ids).await,
-                        None => Err(tonic::Status::unavailable("no address").into()),
+                        Some(a) if !dead.contains(n) => self.has(a, ids).await,
+                        _ => Err(tonic::Status::unavailable("no address").into()),
                     };
                     match present {
                         Ok(v) => everywhere.iter_mut().zip(v).for_each(|(e, p)| *e &= p),
                         Err(_) => {
+                            dead.insert(*n);
                             ok = false;
                             break;
                         }
@@ -337,6 +345,7 @@ impl Healer {
         }
         self.c.out_of_sync.store(out_of_sync, Ordering::Relaxed);
         self.c.resync_passes.fetch_add(1, Ordering::Relaxed);
+        debug!(out_of_sync, "anti-entropy pass done");
         Ok(())
     }
 

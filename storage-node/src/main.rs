@@ -81,10 +81,13 @@ fn load(args: Args) -> anyhow::Result<Config> {
     }
     set("zone", args.zone.map(toml::Value::String));
     set("capacity", args.capacity.map(toml::Value::String));
-    set(
-        "heartbeat-ms",
-        args.heartbeat_ms.map(|v| toml::Value::Integer(v as i64)),
-    );
+    for (k, v) in [
+        ("heartbeat-ms", args.heartbeat_ms),
+        ("resync-ms", args.resync_ms),
+        ("scrub-ms", args.scrub_ms),
+    ] {
+        set(k, v.map(|v| toml::Value::Integer(v as i64)));
+    }
     Config::deserialize(t).context("configuration (need --listen, --data-dir and --coordinator)")
 }
 

@@ -11,12 +11,12 @@ use cairn_integration_tests::{wait_for, Spec, TestCluster, PASSWORD};
 
 use crate::backup::{init, restored};
 
-fn src_dir(c: &TestCluster, name: &str) -> PathBuf {
+pub fn src_dir(c: &TestCluster, name: &str) -> PathBuf {
     std::fs::canonicalize(c.dir.path()).unwrap().join(name)
 }
 
 /// A tree with several large random files (many chunks).
-fn big_tree(root: &Path, files: u64, size: usize) {
+pub fn big_tree(root: &Path, files: u64, size: usize) {
     std::fs::create_dir_all(root).unwrap();
     for i in 0..files {
         std::fs::write(
@@ -65,7 +65,7 @@ async fn total_chunks(c: &TestCluster, alive: &[usize]) -> u64 {
     n
 }
 
-fn restore_and_compare(c: &TestCluster, snap: &str, src: &Path, name: &str) {
+pub fn restore_and_compare(c: &TestCluster, snap: &str, src: &Path, name: &str) {
     let target = c.dir.path().join(name);
     let r = c.cli_json(&[
         "restore",

@@ -4,4 +4,5 @@
 mod backup;
 mod coordinator;
 mod faults;
+mod healing;
 mod storage;

@@ -1,0 +1,328 @@
+//! Self-healing: a node lost for good, a node added, a drain, bit rot, and maintenance.
+//! Copies are counted through the nodes' admin RPCs (ListChunks), never through logs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use cairn_integration_tests::fixtures::random_bytes;
+use cairn_integration_tests::{wait_for, Spec, TestCluster};
+use cairn_proto::metadata::ListNodesRequest;
+use cairn_proto::types::NodeState;
+use cairn_proto::ChunkId;
+
+use crate::backup::init;
+use crate::faults::{restore_and_compare, src_dir};
+
+/// A tree of many small distinct files (many chunks spread over many partitions).
+fn many_files(root: &std::path::Path, n: u64) {
+    std::fs::create_dir_all(root).unwrap();
+    for i in 0..n {
+        std::fs::write(root.join(format!("f{i:04}")), random_bytes(5000 + i, 8_000)).unwrap();
+    }
+}
+
+/// Copies of each chunk over `order` (list givers before receivers: a chunk in transit is then
+/// never missed — a giver deletes only after every receiver holds it).
+async fn copies(c: &TestCluster, order: &[usize]) -> BTreeMap<ChunkId, usize> {
+    let mut m = BTreeMap::new();
+    for &i in order {
+        for id in c.node_chunks(i).await.unwrap_or_default() {
+            *m.entry(id).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+async fn node_id(c: &TestCluster, i: usize) -> u64 {
+    c.node_stats(i).await.unwrap().node_id
+}
+
+async fn state_of(c: &TestCluster, id: u64) -> NodeState {
+    let nodes = c
+        .coord()
+        .call(|mut cl| async move { cl.list_nodes(ListNodesRequest {}).await })
+        .await
+        .unwrap();
+    NodeState::try_from(nodes.nodes.iter().find(|n| n.id == id).unwrap().state).unwrap()
+}
+
+#[tokio::test]
+async fn node_lost_for_good_is_re_replicated_to_r() {
+    let mut c = TestCluster::start(Spec {
+        nodes: 4,
+        node_down_ms: 1000,
+        node_out_ms: 1500,
+        ..Default::default()
+    })
+    .await;
+    init(&c);
+    let src = src_dir(&c, "src");
+    many_files(&src, 300);
+    let b = c.cli_json(&["backup", src.to_str().unwrap()]);
+    let all: HashSet<ChunkId> = copies(&c, &[0, 1, 2, 3]).await.keys().copied().collect();
+    let lost = node_id(&c, 3).await;
+    c.nodes[3].kill9();
+    wait_for("node to be declared Out", Duration::from_secs(30), || {
+        let c = &c;
+        async move { (state_of(c, lost).await == NodeState::Out).then_some(()) }
+    })
+    .await;
+    wait_for(
+        "every chunk back at R on the survivors",
+        Duration::from_secs(90),
+        || {
+            let (c, all) = (&c, &all);
+            async move {
+                let m = copies(c, &[0, 1, 2]).await;
+                all.iter()
+                    .all(|id| m.get(id).copied().unwrap_or(0) >= 3)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    restore_and_compare(&c, b["snapshot"].as_str().unwrap(), &src, "restore");
+}
+
+#[tokio::test]
+async fn added_node_receives_its_share_and_nothing_drops_below_r() {
+    let mut c = TestCluster::start(Spec::default()).await;
+    init(&c);
+    let src = src_dir(&c, "src");
+    many_files(&src, 400);
+    let b = c.cli_json(&["backup", src.to_str().unwrap()]);
+    let all: HashSet<ChunkId> = copies(&c, &[0, 1, 2]).await.keys().copied().collect();
+    c.add_node().await;
+    let share = wait_for(
+        "rebalance onto the new node",
+        Duration::from_secs(90),
+        || {
+            let (c, all) = (&c, &all);
+            async move {
+                // Old nodes give, the new one receives: list the givers first.
+                let m = copies(c, &[0, 1, 2, 3]).await;
+                for id in all {
+                    let n = m.get(id).copied().unwrap_or(0);
+                    assert!(n >= 3, "chunk {id} has {n} copies during the move");
+                }
+                let new = c.node_chunks(3).await?.len();
+                let settled = all.iter().all(|id| m.get(id) == Some(&3));
+                (settled && new > 0).then_some(new as f64 / all.len() as f64)
+            }
+        },
+    )
+    .await;
+    // Its share of the chunks follows its share of the partitions (3/4 with 4 nodes and R=3,
+    // less when it shares a zone with another node).
+    let layout = c.cli_json(&["cluster", "layout"]);
+    let new_id = node_id(&c, 3).await;
+    let parts = layout["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == new_id)
+        .unwrap()["partitions"]
+        .as_f64()
+        .unwrap();
+    let expected = parts / 1024.0;
+    assert!(expected > 0.3, "the new node got partitions: {expected}");
+    assert!(
+        (share - expected).abs() < 0.15,
+        "new node holds {share:.2} of the chunks, expected about {expected:.2}"
+    );
+    restore_and_compare(&c, b["snapshot"].as_str().unwrap(), &src, "restore");
+}
+
+#[tokio::test]
+async fn drained_node_empties_without_dropping_below_r() {
+    let mut c = TestCluster::start(Spec {
+        nodes: 4,
+        ..Default::default()
+    })
+    .await;
+    init(&c);
+    let src = src_dir(&c, "src");
+    many_files(&src, 300);
+    let b = c.cli_json(&["backup", src.to_str().unwrap()]);
+    let all: HashSet<ChunkId> = copies(&c, &[0, 1, 2, 3]).await.keys().copied().collect();
+    let id = node_id(&c, 0).await;
+    let before = c.node_chunks(0).await.unwrap().len();
+    assert!(before > 0);
+    c.cli_json(&["cluster", "drain", &id.to_string()]);
+    wait_for("the drained node to empty", Duration::from_secs(90), || {
+        let (c, all) = (&c, &all);
+        async move {
+            // The draining node gives: list it first.
+            let m = copies(c, &[0, 1, 2, 3]).await;
+            for chunk in all {
+                let n = m.get(chunk).copied().unwrap_or(0);
+                assert!(n >= 3, "chunk {chunk} has {n} copies during the drain");
+            }
+            (c.node_chunks(0).await?.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let nodes = c.cli_json(&["cluster", "nodes"]);
+    let me = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap()
+        .clone();
+    assert_eq!(me["state"], "Draining");
+    // Empty, it can be removed; the others hold everything at R.
+    c.cli_json(&["cluster", "remove-node", &id.to_string()]);
+    c.nodes[0].stop();
+    let m = copies(&c, &[1, 2, 3]).await;
+    assert!(all.iter().all(|chunk| m.get(chunk) == Some(&3)));
+    restore_and_compare(&c, b["snapshot"].as_str().unwrap(), &src, "restore");
+}
+
+#[tokio::test]
+async fn scrub_finds_and_repairs_ten_corrupt_blobs() {
+    let c = TestCluster::start(Spec {
+        scrub_ms: 300,
+        ..Default::default()
+    })
+    .await;
+    init(&c);
+    let src = src_dir(&c, "src");
+    many_files(&src, 100);
+    let b = c.cli_json(&["backup", src.to_str().unwrap()]);
+    let held = c.node_chunks(0).await.unwrap().len();
+    // Flip one byte inside the blob of ten records of node 0's segment files.
+    let mut flipped = 0;
+    for e in std::fs::read_dir(c.node_dir(0).join("segments")).unwrap() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(e.unwrap().path())
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut off = 0u64;
+        while off + 76 <= len && flipped < 10 {
+            let mut h = [0u8; 76];
+            f.read_exact_at(&mut h, off).unwrap();
+            assert_eq!(&h[..4], b"CRN1");
+            let blob_len = u64::from(u32::from_le_bytes(h[4..8].try_into().unwrap()));
+            if blob_len > 100 {
+                let at = off + 76 + blob_len / 2;
+                let mut byte = [0u8; 1];
+                f.read_exact_at(&mut byte, at).unwrap();
+                f.write_all_at(&[byte[0] ^ 0xff], at).unwrap();
+                flipped += 1;
+            }
+            off += 76 + blob_len;
+        }
+    }
+    assert_eq!(flipped, 10);
+    let s = wait_for(
+        "scrub to find and repair all ten",
+        Duration::from_secs(60),
+        || {
+            let c = &c;
+            async move {
+                let h = c.node_stats(0).await?.healing?;
+                (h.corrupt_found >= 10 && h.repaired >= 10).then_some(h)
+            }
+        },
+    )
+    .await;
+    assert_eq!(s.corrupt_found, 10, "{s:?}");
+    assert_eq!(
+        c.node_chunks(0).await.unwrap().len(),
+        held,
+        "every copy is back"
+    );
+    // A second scrub pass finds nothing more.
+    let passes = s.scrub_passes;
+    let s2 = wait_for("another clean scrub pass", Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            c.node_stats(0)
+                .await?
+                .healing
+                .filter(|h| h.scrub_passes > passes + 1)
+        }
+    })
+    .await;
+    assert_eq!(s2.corrupt_found, 10);
+    restore_and_compare(&c, b["snapshot"].as_str().unwrap(), &src, "restore");
+}
+
+#[tokio::test]
+async fn maintenance_restart_causes_no_re_replication() {
+    let mut c = TestCluster::start(Spec {
+        nodes: 4,
+        node_down_ms: 1000,
+        node_out_ms: 1500,
+        ..Default::default()
+    })
+    .await;
+    init(&c);
+    let src = src_dir(&c, "src");
+    many_files(&src, 100);
+    c.cli_json(&["backup", src.to_str().unwrap()]);
+    let id = node_id(&c, 3).await;
+    let version = c.cli_json(&["cluster", "layout"])["version"]
+        .as_u64()
+        .unwrap();
+    let pushed_before: u64 = {
+        let mut s = 0;
+        for i in 0..3 {
+            s += c
+                .node_stats(i)
+                .await
+                .unwrap()
+                .healing
+                .unwrap()
+                .chunks_pushed;
+        }
+        s
+    };
+    c.cli_json(&["cluster", "maintenance", &id.to_string(), "on"]);
+    c.nodes[3].kill9();
+    // Let well over down + out time pass, measured in the others' anti-entropy passes (500 ms each).
+    let start_passes = c
+        .node_stats(0)
+        .await
+        .unwrap()
+        .healing
+        .unwrap()
+        .resync_passes;
+    wait_for("eight anti-entropy passes", Duration::from_secs(60), || {
+        let c = &c;
+        async move {
+            c.node_stats(0)
+                .await?
+                .healing
+                .filter(|h| h.resync_passes >= start_passes + 8)
+                .map(|_| ())
+        }
+    })
+    .await;
+    assert_eq!(state_of(&c, id).await, NodeState::Maintenance);
+    assert_eq!(
+        c.cli_json(&["cluster", "layout"])["version"]
+            .as_u64()
+            .unwrap(),
+        version,
+        "no new layout"
+    );
+    let mut pushed = 0;
+    for i in 0..3 {
+        pushed += c
+            .node_stats(i)
+            .await
+            .unwrap()
+            .healing
+            .unwrap()
+            .chunks_pushed;
+    }
+    assert_eq!(pushed, pushed_before, "nothing was re-replicated");
+    c.nodes[3].restart();
+    c.cli_json(&["cluster", "maintenance", &id.to_string(), "off"]);
+    assert_eq!(state_of(&c, id).await, NodeState::Active);
+}
