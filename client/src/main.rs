@@ -168,8 +168,13 @@ enum ClusterCmd {
     Layout,
     /// Put a node (back) into the layout: Active.
     AddNode { node: u64 },
-    /// Take a node out of the cluster for good (Out).
-    RemoveNode { node: u64 },
+    /// Take a node out of the cluster for good (Out). Refused while it still reports chunks
+    /// (drain it first) unless --force.
+    RemoveNode {
+        node: u64,
+        #[arg(long)]
+        force: bool,
+    },
     /// Move a node's partitions away (Draining).
     Drain { node: u64 },
     /// Maintenance mode on or off (suppresses Out).
@@ -762,7 +767,24 @@ async fn cluster_cmd(ctx: &Ctx, c: ClusterCmd) -> anyhow::Result<()> {
             }
         }
         ClusterCmd::AddNode { node } => set_state(node, NodeState::Active).await?,
-        ClusterCmd::RemoveNode { node } => set_state(node, NodeState::Out).await?,
+        ClusterCmd::RemoveNode { node, force } => {
+            let nodes = coord
+                .call(|mut c| async move { c.list_nodes(ListNodesRequest {}).await })
+                .await?
+                .nodes;
+            let n = nodes
+                .iter()
+                .find(|n| n.id == node)
+                .with_context(|| format!("no node {node}"))?;
+            let live = n.heartbeat_age_ms.is_some_and(|a| a < 10_000);
+            if live && n.chunks > 0 && !force {
+                bail!(
+                    "node {node} still holds {} chunks: drain it first (cairn cluster drain {node}), or use --force",
+                    n.chunks
+                );
+            }
+            set_state(node, NodeState::Out).await?
+        }
         ClusterCmd::Drain { node } => set_state(node, NodeState::Draining).await?,
         ClusterCmd::Maintenance { node, mode } => {
             set_state(

@@ -239,6 +239,25 @@ async fn corrupt_copies_are_detected_and_restore_uses_another_replica() {
         stats.corrupt_found > 0,
         "node 0 counted the corruption it served no bytes of"
     );
+    // The node fetches good copies of what it lost from the other replicas.
+    let distinct: std::collections::HashSet<&str> =
+        bad.iter().map(|b| b["chunk"].as_str().unwrap()).collect();
+    let n = distinct.len() as u64;
+    wait_for(
+        "node 0 to restore its copies",
+        Duration::from_secs(60),
+        || {
+            let c = &c;
+            async move {
+                c.node_stats(0)
+                    .await?
+                    .healing
+                    .filter(|h| h.repaired >= n)
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

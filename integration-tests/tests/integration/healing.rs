@@ -163,14 +163,26 @@ async fn drained_node_empties_without_dropping_below_r() {
         }
     })
     .await;
-    let nodes = c.cli_json(&["cluster", "nodes"]);
-    let me = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == id)
-        .unwrap()
-        .clone();
+    // As an operator sees it: `cluster nodes` shows the node Draining and, at last, empty.
+    let me = wait_for(
+        "cluster nodes to show the node empty",
+        Duration::from_secs(30),
+        || {
+            let c = &c;
+            async move {
+                let nodes = c.cli_json(&["cluster", "nodes"]);
+                let me = nodes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["id"] == id)
+                    .unwrap()
+                    .clone();
+                (me["chunks"] == 0).then_some(me)
+            }
+        },
+    )
+    .await;
     assert_eq!(me["state"], "Draining");
     // Empty, it can be removed; the others hold everything at R.
     c.cli_json(&["cluster", "remove-node", &id.to_string()]);
