@@ -861,6 +861,20 @@ async fn cluster_cmd(ctx: &Ctx, c: ClusterCmd) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // A reader that goes away (`cairn snapshots | head`) ends the output quietly, as in other
+    // Unix tools, instead of a panic report.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),

@@ -505,6 +505,7 @@ impl TestCluster {
     }
 }
 
+pub mod docker;
 pub mod fixtures;
 
 impl Drop for TestCluster {
