@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
@@ -40,7 +41,16 @@ pub struct Cluster {
     layout: RwLock<Arc<Layout>>,
     channels: Mutex<HashMap<String, Channel>>,
     bad: Mutex<Vec<BadCopy>>,
+    /// Nodes that recently failed or timed out, and when: tried last for a while.
+    suspect: Mutex<HashMap<u64, Instant>>,
 }
+
+/// How long a failed node is tried last.
+const SUSPECT_FOR: Duration = Duration::from_secs(15);
+/// Per-call limits: a healthy node answers far sooner; a stalled one must not stall the client.
+const HAS_TIMEOUT: Duration = Duration::from_secs(5);
+const PUT_TIMEOUT: Duration = Duration::from_secs(30);
+const GET_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Largest plaintext chunk accepted on read.
 pub const MAX_CHUNK: usize = 16 * 1024 * 1024;
@@ -54,6 +64,7 @@ impl Cluster {
             layout: RwLock::new(Arc::new(Layout::default())),
             channels: Mutex::new(HashMap::new()),
             bad: Mutex::new(Vec::new()),
+            suspect: Mutex::new(HashMap::new()),
         });
         c.refresh_layout().await?;
         Ok(c)
@@ -80,6 +91,26 @@ impl Cluster {
     /// Copies found bad so far.
     pub fn bad_copies(&self) -> Vec<BadCopy> {
         self.bad.lock().expect("bad lock").clone()
+    }
+
+    fn mark_suspect(&self, node: u64) {
+        self.suspect
+            .lock()
+            .expect("suspect lock")
+            .insert(node, Instant::now());
+    }
+
+    fn clear_suspect(&self, node: u64) {
+        self.suspect.lock().expect("suspect lock").remove(&node);
+    }
+
+    /// `nodes` in order, with recently failed ones moved to the end.
+    fn healthy_first(&self, nodes: &[u64]) -> Vec<u64> {
+        let s = self.suspect.lock().expect("suspect lock");
+        let bad = |n: &u64| s.get(n).is_some_and(|t| t.elapsed() < SUSPECT_FOR);
+        let mut v: Vec<u64> = nodes.iter().copied().filter(|n| !bad(n)).collect();
+        v.extend(nodes.iter().copied().filter(|n| bad(n)));
+        v
     }
 
     /// A client for the storage node at `addr`.
@@ -119,17 +150,25 @@ impl Cluster {
                     .iter()
                     .map(|&i| Bytes::copy_from_slice(&ids[i].0))
                     .collect();
-                for n in set {
+                for n in self.healthy_first(&set) {
                     let Some(addr) = layout.address(n) else {
                         continue;
                     };
                     let Ok(mut c) = self.node(addr) else { continue };
-                    match c.has_chunks(HasChunksRequest { ids: req.clone() }).await {
-                        Ok(r) if r.get_ref().present.len() == idxs.len() => {
+                    let call = c.has_chunks(HasChunksRequest { ids: req.clone() });
+                    match tokio::time::timeout(HAS_TIMEOUT, call).await {
+                        Ok(Ok(r)) if r.get_ref().present.len() == idxs.len() => {
                             return (idxs, r.into_inner().present);
                         }
-                        Ok(_) => {}
-                        Err(e) => debug!(node = n, error = %e, "has-chunks failed"),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            debug!(node = n, error = %e, "has-chunks failed");
+                            self.mark_suspect(n);
+                        }
+                        Err(_) => {
+                            debug!(node = n, "has-chunks timed out");
+                            self.mark_suspect(n);
+                        }
                     }
                 }
                 let n = idxs.len();
@@ -164,14 +203,23 @@ impl Cluster {
                 let layout = layout.clone();
                 async move {
                     let mut last = None;
-                    for n in &set {
-                        let Some(addr) = layout.address(*n) else {
+                    for n in self.healthy_first(&set) {
+                        let Some(addr) = layout.address(n) else {
                             continue;
                         };
-                        match self.put_to(addr, &items, layout.version).await {
-                            Ok(()) => return Ok(()),
+                        let call = self.put_to(addr, &items, layout.version);
+                        let res = match tokio::time::timeout(PUT_TIMEOUT, call).await {
+                            Ok(r) => r,
+                            Err(_) => Err(tonic::Status::deadline_exceeded("put timed out")),
+                        };
+                        match res {
+                            Ok(()) => {
+                                self.clear_suspect(n);
+                                return Ok(());
+                            }
                             Err(e) => {
                                 debug!(node = n, error = %e, "put failed; trying the next replica");
+                                self.mark_suspect(n);
                                 last = Some(e);
                             }
                         }
@@ -274,8 +322,24 @@ impl Cluster {
             } else {
                 self.refresh_layout().await?
             };
-            for (node, addr, owner) in self.read_order(&layout, &id) {
-                match self.get_from(&addr, keys, id).await {
+            let order = self.read_order(&layout, &id);
+            let ids: Vec<u64> = order.iter().map(|(n, _, _)| *n).collect();
+            let ranked = self.healthy_first(&ids);
+            let mut order = order;
+            order.sort_by_key(|(n, _, _)| ranked.iter().position(|m| m == n));
+            for (node, addr, owner) in order {
+                let got =
+                    match tokio::time::timeout(GET_TIMEOUT, self.get_from(&addr, keys, id)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::Rpc(tonic::Status::deadline_exceeded(
+                            "read timed out",
+                        ))),
+                    };
+                if matches!(&got, Err(Error::Rpc(s)) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled))
+                {
+                    self.mark_suspect(node);
+                }
+                match got {
                     Ok(p) => {
                         for a in to_report {
                             self.report_bad(&a, id).await;

@@ -28,6 +28,8 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
     Ok(Endpoint::from_shared(url)
         .map_err(|e| Status::invalid_argument(format!("bad address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(2))
+        // No call of the public services legitimately takes this long; a stalled peer does.
+        .timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5)))

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
 use cairn_proto::chunk::PutChunkRequest;
 use cairn_proto::{ChunkId, MAX_BLOB_SIZE};
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{watch, Notify};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -25,6 +26,8 @@ use crate::membership::Membership;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most repair entries tried per pass.
 const REPAIR_BATCH: usize = 256;
+/// Once every chunk of a write has W copies, how long the other replicas still get.
+const QUORUM_GRACE: Duration = Duration::from_secs(2);
 /// Upper bound of the repair back-off.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -241,10 +244,25 @@ impl Replicator {
                 (node, res)
             }
         });
-        let results = futures::future::join_all(sends).await;
+        // Wait for every replica, but once each chunk has W durable copies give the others only
+        // a short grace: a stalled replica must not stall the write. Unanswered copies go to the
+        // repair queue.
+        let needed = layout.write_quorum.max(1);
+        let mut pending: FuturesUnordered<_> = sends.collect();
         let mut copies = vec![1u32; items.len()];
         let mut missing: Vec<(ChunkId, u64)> = Vec::new();
-        for (node, res) in results {
+        let mut answered = HashSet::new();
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace {
+                None => pending.next().await,
+                Some(deadline) => match tokio::time::timeout_at(deadline, pending.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+            };
+            let Some((node, res)) = next else { break };
+            answered.insert(node);
             let idxs = &per_peer[&node];
             match res {
                 Ok(acked) => {
@@ -261,11 +279,20 @@ impl Replicator {
                     missing.extend(idxs.iter().map(|&i| (items[i].id, node)));
                 }
             }
+            if grace.is_none() && copies.iter().all(|c| *c >= needed) {
+                grace = Some(tokio::time::Instant::now() + QUORUM_GRACE);
+            }
+        }
+        drop(pending);
+        for (node, idxs) in &per_peer {
+            if !answered.contains(node) {
+                debug!(node, "replica too slow; its copies are queued for repair");
+                missing.extend(idxs.iter().map(|&i| (items[i].id, *node)));
+            }
         }
         if !missing.is_empty() {
             self.enqueue(&missing).await?;
         }
-        let needed = layout.write_quorum.max(1);
         let mut acks = Vec::with_capacity(items.len());
         for (i, it) in items.iter().enumerate() {
             if copies[i] < needed {
