@@ -9,7 +9,7 @@
 //! snapshot is begun before the walk (its chunks are protected from GC from then on) and
 //! committed only after every chunk it references is acknowledged.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -22,6 +22,7 @@ use cairn_proto::metadata::{
     BeginSnapshotRequest, CommitSnapshotRequest, SnapshotRecord, SnapshotStats,
 };
 use cairn_proto::ChunkId;
+use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -37,6 +38,8 @@ use crate::tree::{ChunkRef, Kind, Node, Tree};
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Most chunks in one batch.
 const BATCH_CHUNKS: usize = 128;
+/// Parent trees fetched at once.
+const PREFETCH_PARALLEL: usize = 16;
 /// Most batches in flight.
 pub const MAX_BATCHES: usize = 4;
 /// The in-session dedup set is cleared beyond this many ids (bounded memory).
@@ -261,6 +264,12 @@ async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Vec<u8>)>) -> Resul
     Ok(up)
 }
 
+/// An entry's counterpart in the parent snapshot, with its subtree when it is a directory.
+struct Prev {
+    node: Option<Node>,
+    tree: Option<Tree>,
+}
+
 /// The selection of what to back up below one directory.
 enum Sel {
     Whole,
@@ -312,6 +321,26 @@ impl Job<'_> {
         self.warnings.push(msg);
     }
 
+    /// The parent snapshot's trees of the child directories named, fetched concurrently.
+    async fn prefetch(&self, parent: Option<&Tree>, names: &[OsString]) -> HashMap<ChunkId, Tree> {
+        let Some(parent) = parent.filter(|_| self.use_parent) else {
+            return HashMap::new();
+        };
+        let ids: Vec<ChunkId> = names
+            .iter()
+            .filter_map(|n| match parent.get(n.as_bytes()).map(|p| &p.kind) {
+                Some(Kind::Dir { subtree }) => Some(*subtree),
+                _ => None,
+            })
+            .collect();
+        futures::stream::iter(ids)
+            .map(|id| async move { (id, self.repo.tree(id).await) })
+            .buffer_unordered(PREFETCH_PARALLEL)
+            .filter_map(|(id, t)| async move { t.ok().map(|t| (id, t)) })
+            .collect()
+            .await
+    }
+
     async fn dir(
         &mut self,
         path: &Path,
@@ -341,6 +370,8 @@ impl Job<'_> {
                 v
             }
         };
+        // Fetch the parent's subtrees of this directory's children concurrently.
+        let mut prefetched = self.prefetch(parent.as_ref(), &names).await;
         for name in names {
             let child = path.join(&name);
             let child_sel = match sel {
@@ -361,8 +392,22 @@ impl Job<'_> {
                 .as_ref()
                 .and_then(|t| t.get(name.as_bytes()))
                 .cloned();
+            let ptree = match pnode.as_ref().map(|p| &p.kind) {
+                Some(Kind::Dir { subtree }) => prefetched.remove(subtree),
+                _ => None,
+            };
             if let Some(node) = self
-                .entry(&child, name.as_bytes(), &meta, child_sel, pnode, root_dev)
+                .entry(
+                    &child,
+                    name.as_bytes(),
+                    &meta,
+                    child_sel,
+                    Prev {
+                        node: pnode,
+                        tree: ptree,
+                    },
+                    root_dev,
+                )
                 .await?
             {
                 tree.nodes.push(node);
@@ -378,20 +423,18 @@ impl Job<'_> {
         name: &[u8],
         meta: &std::fs::Metadata,
         sel: &Sel,
-        parent: Option<Node>,
+        prev: Prev,
         root_dev: u64,
     ) -> Result<Option<Node>> {
+        let Prev {
+            node: parent,
+            tree: ptree,
+        } = prev;
         let ft = meta.file_type();
         if ft.is_dir() {
             if self.opts.one_file_system && meta.dev() != root_dev && matches!(sel, Sel::Whole) {
                 return Ok(None);
             }
-            let ptree = match parent.as_ref().map(|p| &p.kind) {
-                Some(Kind::Dir { subtree }) if self.use_parent => {
-                    self.repo.tree(*subtree).await.ok()
-                }
-                _ => None,
-            };
             let subtree = Box::pin(self.dir(path, sel, ptree, root_dev)).await?;
             return Ok(Some(node_from_meta(name, meta, Kind::Dir { subtree })));
         }

@@ -2,7 +2,9 @@
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// A progress reporter (hidden unless stderr is a terminal and it was asked for).
+/// A progress reporter (hidden unless stderr is a terminal and it was asked for); clones
+/// report to the same line.
+#[derive(Clone)]
 pub struct Progress {
     bar: ProgressBar,
 }

@@ -11,11 +11,14 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::cluster::BadCopy;
 use crate::error::{Error, Result};
@@ -25,7 +28,7 @@ use crate::tree::{ChunkRef, Kind, Node, Tree};
 use cairn_proto::metadata::SnapshotRecord;
 
 /// Chunks fetched in parallel per file.
-const FETCH_PARALLEL: usize = 8;
+const FETCH_PARALLEL: usize = 4;
 
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
@@ -63,11 +66,27 @@ pub struct RestoreSummary {
     pub metadata_skipped: u64,
 }
 
+/// Files restored at once; chunks fetched at once per file. Together they bound memory to
+/// about `FILES_PARALLEL × FETCH_PARALLEL` chunks.
+const FILES_PARALLEL: usize = 8;
+
+struct FileDone {
+    bytes: u64,
+    verified: bool,
+    metadata_skipped: u64,
+}
+
 struct Restorer<'a> {
     repo: &'a Repository,
     opts: &'a RestoreOptions,
     includes: Option<GlobSet>,
+    /// First restored path of each hard-linked inode, and the links to make once files exist.
     links: HashMap<(u64, u64), PathBuf>,
+    deferred_links: Vec<(PathBuf, PathBuf)>,
+    /// Directories whose metadata is set after everything inside them (post-order).
+    dir_meta: Vec<(Node, PathBuf)>,
+    tasks: JoinSet<Result<FileDone>>,
+    sem: Arc<Semaphore>,
     sum: RestoreSummary,
     progress: &'a Progress,
     euid_root: bool,
@@ -80,6 +99,18 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 impl Restorer<'_> {
     fn wanted(&self, rel: &Path) -> bool {
         self.includes.as_ref().is_none_or(|g| g.is_match(rel))
+    }
+
+    fn reap(
+        &mut self,
+        r: std::result::Result<Result<FileDone>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        let d = r.map_err(|e| Error::Invalid(format!("restore task failed: {e}")))??;
+        self.sum.files += 1;
+        self.sum.bytes += d.bytes;
+        self.sum.verified += u64::from(d.verified);
+        self.sum.metadata_skipped += d.metadata_skipped;
+        Ok(())
     }
 
     async fn dir(&mut self, tree: &Tree, rel: &Path, abs: &Path, whole: bool) -> Result<bool> {
@@ -98,7 +129,7 @@ impl Restorer<'_> {
                     let inner = Box::pin(self.dir(&sub, &crel, &cabs, take)).await?;
                     if take || inner {
                         ensure_dir(&cabs)?;
-                        self.meta(node, &cabs, false)?;
+                        self.dir_meta.push((node.clone(), cabs.clone()));
                         self.sum.dirs += 1;
                         any = true;
                     }
@@ -109,95 +140,137 @@ impl Restorer<'_> {
                     replace(&cabs)?;
                     std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &cabs)
                         .map_err(io(&cabs))?;
-                    self.meta(node, &cabs, true)?;
+                    self.sum.metadata_skipped += set_meta(node, &cabs, true, self.euid_root)?;
                     self.sum.symlinks += 1;
                     any = true;
                 }
                 Kind::File { content } => {
                     ensure_dir(abs)?;
+                    any = true;
                     let key = (node.dev, node.inode);
                     if node.nlink > 1 {
                         if let Some(first) = self.links.get(&key) {
-                            replace(&cabs)?;
-                            std::fs::hard_link(first, &cabs).map_err(io(&cabs))?;
-                            self.sum.hardlinks += 1;
-                            any = true;
+                            self.deferred_links.push((first.clone(), cabs));
                             continue;
                         }
-                    }
-                    self.file(node, content, &cabs).await?;
-                    if node.nlink > 1 {
                         self.links.insert(key, cabs.clone());
                     }
-                    any = true;
+                    let permit = self
+                        .sem
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore open");
+                    while let Some(r) = self.tasks.try_join_next() {
+                        self.reap(r)?;
+                    }
+                    let (repo, node, content) = (self.repo.clone(), node.clone(), content.clone());
+                    let (verify, root, progress) =
+                        (self.opts.verify, self.euid_root, self.progress.clone());
+                    self.tasks.spawn(async move {
+                        let _permit = permit;
+                        restore_file(&repo, &node, &content, &cabs, verify, root, &progress).await
+                    });
                 }
             }
         }
         Ok(any)
     }
 
-    async fn file(&mut self, node: &Node, content: &[ChunkRef], path: &Path) -> Result<()> {
-        let dir = path.parent().expect("restored files live in a directory");
-        let tmp = dir.join(format!(
-            ".cairn-restore-{}",
-            hex::encode(rand::random::<[u8; 8]>())
-        ));
-        let result = self.write_file(content, &tmp, node.size).await;
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+    /// Waits for the files, then makes hard links and sets directories' metadata.
+    async fn finish(&mut self) -> Result<()> {
+        while let Some(r) = self.tasks.join_next().await {
+            self.reap(r)?;
         }
-        self.meta(node, &tmp, false)?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        if self.opts.verify {
-            verify_file(self.repo, content, path)?;
-            self.sum.verified += 1;
+        for (first, link) in std::mem::take(&mut self.deferred_links) {
+            replace(&link)?;
+            std::fs::hard_link(&first, &link).map_err(io(&link))?;
+            self.sum.hardlinks += 1;
         }
-        self.sum.files += 1;
-        self.sum.bytes += node.size;
-        self.progress.file_done(0, true);
+        for (node, path) in std::mem::take(&mut self.dir_meta) {
+            self.sum.metadata_skipped += set_meta(&node, &path, false, self.euid_root)?;
+        }
         Ok(())
     }
+}
 
-    async fn write_file(&mut self, content: &[ChunkRef], tmp: &Path, size: u64) -> Result<()> {
-        let mut f = std::fs::File::create(tmp).map_err(io(tmp))?;
-        let repo = self.repo;
-        let mut chunks = futures::stream::iter(content.iter().copied())
-            .map(|c| async move { repo.cluster.get(&repo.keys, c.id).await.map(|d| (c, d)) })
-            .buffered(FETCH_PARALLEL);
-        while let Some(r) = chunks.next().await {
-            let (c, data) = r?;
-            if data.len() != c.len as usize {
-                return Err(Error::Integrity(format!(
-                    "chunk {} has the wrong length",
-                    c.id
-                )));
-            }
-            write_sparse(&mut f, &data).map_err(io(tmp))?;
-            self.progress.bytes(data.len() as u64);
-        }
-        f.set_len(size).map_err(io(tmp))?;
-        Ok(())
+async fn restore_file(
+    repo: &Repository,
+    node: &Node,
+    content: &[ChunkRef],
+    path: &Path,
+    verify: bool,
+    euid_root: bool,
+    progress: &Progress,
+) -> Result<FileDone> {
+    let dir = path.parent().expect("restored files live in a directory");
+    let tmp = dir.join(format!(
+        ".cairn-restore-{}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    let result = write_file(repo, content, &tmp, node.size, progress).await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
+    let skipped = set_meta(node, &tmp, false, euid_root)?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if verify {
+        verify_file(repo, content, path)?;
+    }
+    progress.file_done(0, true);
+    Ok(FileDone {
+        bytes: node.size,
+        verified: verify,
+        metadata_skipped: skipped,
+    })
+}
 
-    fn meta(&mut self, node: &Node, path: &Path, symlink: bool) -> Result<()> {
-        if self.euid_root {
-            if let Err(e) = std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid)) {
-                tracing::debug!(path = %path.display(), error = %e, "owner not restored");
-                self.sum.metadata_skipped += 1;
-            }
+async fn write_file(
+    repo: &Repository,
+    content: &[ChunkRef],
+    tmp: &Path,
+    size: u64,
+    progress: &Progress,
+) -> Result<()> {
+    let mut f = std::fs::File::create(tmp).map_err(io(tmp))?;
+    let mut chunks = futures::stream::iter(content.iter().copied())
+        .map(|c| async move { repo.cluster.get(&repo.keys, c.id).await.map(|d| (c, d)) })
+        .buffered(FETCH_PARALLEL);
+    while let Some(r) = chunks.next().await {
+        let (c, data) = r?;
+        if data.len() != c.len as usize {
+            return Err(Error::Integrity(format!(
+                "chunk {} has the wrong length",
+                c.id
+            )));
         }
-        if !symlink {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
-                .map_err(io(path))?;
-        }
-        let mtime = filetime::FileTime::from_unix_time(
-            node.mtime_ns.div_euclid(1_000_000_000),
-            node.mtime_ns.rem_euclid(1_000_000_000) as u32,
-        );
-        filetime::set_symlink_file_times(path, mtime, mtime).map_err(io(path))?;
-        Ok(())
+        write_sparse(&mut f, &data).map_err(io(tmp))?;
+        progress.bytes(data.len() as u64);
     }
+    f.set_len(size).map_err(io(tmp))?;
+    Ok(())
+}
+
+/// Sets owner (as root), mode and mtime; returns 1 if the owner could not be set.
+fn set_meta(node: &Node, path: &Path, symlink: bool, euid_root: bool) -> Result<u64> {
+    let mut skipped = 0;
+    if euid_root {
+        if let Err(e) = std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid)) {
+            tracing::debug!(path = %path.display(), error = %e, "owner not restored");
+            skipped = 1;
+        }
+    }
+    if !symlink {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
+            .map_err(io(path))?;
+    }
+    let mtime = filetime::FileTime::from_unix_time(
+        node.mtime_ns.div_euclid(1_000_000_000),
+        node.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    );
+    filetime::set_symlink_file_times(path, mtime, mtime).map_err(io(path))?;
+    Ok(skipped)
 }
 
 /// Writes `data`, seeking over 4 KiB blocks of zeros so that holes stay holes.
@@ -289,6 +362,10 @@ impl Repository {
             opts,
             includes,
             links: HashMap::new(),
+            deferred_links: Vec::new(),
+            dir_meta: Vec::new(),
+            tasks: JoinSet::new(),
+            sem: Arc::new(Semaphore::new(FILES_PARALLEL)),
             sum: RestoreSummary {
                 snapshot: snap.id.clone(),
                 ..Default::default()
@@ -297,6 +374,7 @@ impl Repository {
             euid_root: is_root(),
         };
         r.dir(&root, Path::new(""), &opts.target, false).await?;
+        r.finish().await?;
         progress.finish();
         let mut sum = r.sum;
         sum.bad_copies = self.cluster.bad_copies();
