@@ -249,9 +249,10 @@ async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Vec<u8>)>) -> Resul
     }
     let keys = repo.keys.clone();
     let sealed = tokio::task::spawn_blocking(move || {
+        let mut sealer = keys.sealer();
         missing
             .into_iter()
-            .map(|(id, p)| keys.seal(&id, &p).map(|b| (id, Bytes::from(b))))
+            .map(|(id, p)| sealer.seal(&id, &p).map(|b| (id, Bytes::from(b))))
             .collect::<Result<Vec<_>>>()
     })
     .await
@@ -510,17 +511,14 @@ impl Job<'_> {
         let (tx, mut rx) = mpsc::channel::<std::io::Result<(ChunkId, Vec<u8>)>>(4);
         let keys = self.repo.keys.clone();
         let c = self.opts.chunker;
+        let size = before.len();
         let reader = tokio::task::spawn_blocking(move || {
-            let cdc = fastcdc::v2020::StreamCDC::new(file, c.min, c.avg, c.max);
-            for chunk in cdc {
-                let msg = match chunk {
-                    Ok(ch) => Ok((keys.chunk_id(&ch.data), ch.data)),
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
-                };
-                let stop = msg.is_err();
-                if tx.blocking_send(msg).is_err() || stop {
-                    return;
-                }
+            let res = crate::chunker::chunk_stream(file, size, c, |data| {
+                tx.blocking_send(Ok((keys.chunk_id(data), data.to_vec())))
+                    .is_ok()
+            });
+            if let Err(e) = res {
+                let _ = tx.blocking_send(Err(e));
             }
         });
         let mut content = Vec::new();

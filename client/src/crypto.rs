@@ -136,10 +136,34 @@ impl Keys {
 
     /// Compresses (when it helps) and encrypts a chunk into a blob.
     pub fn seal(&self, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let compressed = if self.zstd_level > 0 {
-            zstd::bulk::compress(plaintext, self.zstd_level).ok()
-        } else {
-            None
+        self.sealer().seal(id, plaintext)
+    }
+
+    /// A sealer that reuses one compression context across many chunks.
+    pub fn sealer(&self) -> Sealer<'_> {
+        Sealer {
+            keys: self,
+            zstd: if self.zstd_level > 0 {
+                zstd::bulk::Compressor::new(self.zstd_level).ok()
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// Seals chunks with one reusable zstd context (see [`Keys::sealer`]).
+pub struct Sealer<'a> {
+    keys: &'a Keys,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl Sealer<'_> {
+    /// Compresses (when it helps) and encrypts a chunk into a blob.
+    pub fn seal(&mut self, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let compressed = match self.zstd.as_mut() {
+            Some(z) => z.compress(plaintext).ok(),
+            None => None,
         };
         let (flags, body) = match &compressed {
             Some(c) if c.len() < plaintext.len() => (FLAG_ZSTD, c.as_slice()),
@@ -148,6 +172,7 @@ impl Keys {
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
         let ct = self
+            .keys
             .cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
@@ -164,7 +189,9 @@ impl Keys {
         blob.extend(ct);
         Ok(blob)
     }
+}
 
+impl Keys {
     /// Decrypts and decompresses a blob, and checks that the plaintext has the expected id.
     pub fn open(&self, id: &ChunkId, blob: &[u8], max_len: usize) -> Result<Vec<u8>> {
         if blob.len() < 14 + 16 || blob[0] != BLOB_VERSION {

@@ -20,6 +20,7 @@
 //! ```
 
 mod backup;
+mod chunker;
 mod cluster;
 mod crypto;
 mod error;
