@@ -65,7 +65,7 @@ fn text(r: &mut impl Rng, len: usize) -> Vec<u8> {
 /// the size), one incompressible file and one partly compressible binary file.
 fn generate(dir: &Path, size_gb: f64) -> Result<u64> {
     let marker = dir.join(".generated");
-    let spec = format!("v1 {size_gb}");
+    let spec = format!("v2 {size_gb}");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(spec.as_str()) {
         return dir_size(dir);
     }
@@ -80,11 +80,12 @@ fn generate(dir: &Path, size_gb: f64) -> Result<u64> {
     while written < small_budget {
         // Log-uniform sizes from 100 B to 120 KB (median about 3.5 KB, mean about 12 KB).
         let len = (100.0 * (1200f64).powf(r.gen::<f64>())) as usize;
+        // About 50 files per directory, three levels deep.
         let d = dir.join(format!(
             "src/d{:02}/e{:02}/f{:02}",
-            i % 37,
-            (i / 37) % 29,
-            (i / 1073) % 97
+            (i / 20_000) % 37,
+            (i / 1_000) % 20,
+            (i / 50) % 20
         ));
         std::fs::create_dir_all(&d)?;
         std::fs::write(d.join(format!("file{i}.txt")), text(&mut r, len))?;

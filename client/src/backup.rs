@@ -372,7 +372,7 @@ impl Job<'_> {
             }
         };
         // Fetch the parent's subtrees of this directory's children concurrently.
-        let mut prefetched = self.prefetch(parent.as_ref(), &names).await;
+        let prefetched = self.prefetch(parent.as_ref(), &names).await;
         for name in names {
             let child = path.join(&name);
             let child_sel = match sel {
@@ -394,7 +394,7 @@ impl Job<'_> {
                 .and_then(|t| t.get(name.as_bytes()))
                 .cloned();
             let ptree = match pnode.as_ref().map(|p| &p.kind) {
-                Some(Kind::Dir { subtree }) => prefetched.remove(subtree),
+                Some(Kind::Dir { subtree }) => prefetched.get(subtree).cloned(),
                 _ => None,
             };
             if let Some(node) = self

@@ -372,6 +372,62 @@ impl Cluster {
         })
     }
 
+    /// Fetches, verifies and opens many chunks: one streamed request per replica set for the
+    /// batch, then [`Cluster::get`] (with its replica fallback) for any that did not verify.
+    pub async fn get_many(&self, keys: &Keys, ids: &[ChunkId]) -> Vec<Result<Vec<u8>>> {
+        let layout = self.layout();
+        let mut groups: BTreeMap<Vec<u64>, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            groups
+                .entry(layout.replicas(id.partition()).to_vec())
+                .or_default()
+                .push(i);
+        }
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
+        for (set, idxs) in groups {
+            let Some(&first) = self.healthy_first(&set).first() else {
+                continue;
+            };
+            let Some(addr) = layout.address(first) else {
+                continue;
+            };
+            let Ok(mut c) = self.node(addr) else { continue };
+            let req = GetChunksRequest {
+                ids: idxs
+                    .iter()
+                    .map(|&i| Bytes::copy_from_slice(&ids[i].0))
+                    .collect(),
+            };
+            let Ok(Ok(resp)) = tokio::time::timeout(GET_TIMEOUT, c.get_chunks(req)).await else {
+                self.mark_suspect(first);
+                continue;
+            };
+            let mut stream = resp.into_inner();
+            for &i in &idxs {
+                let Ok(Ok(Some(r))) = tokio::time::timeout(GET_TIMEOUT, stream.message()).await
+                else {
+                    break;
+                };
+                if r.error.is_empty()
+                    && r.id.as_ref() == ids[i].0
+                    && cairn_proto::blob_hash(&r.blob) == r.hash.as_ref()
+                {
+                    if let Ok(p) = keys.open(&ids[i], &r.blob, MAX_CHUNK) {
+                        out[i] = Some(Ok(p));
+                    }
+                }
+            }
+        }
+        let mut res = Vec::with_capacity(ids.len());
+        for (i, o) in out.into_iter().enumerate() {
+            res.push(match o {
+                Some(r) => r,
+                None => self.get(keys, ids[i]).await,
+            });
+        }
+        res
+    }
+
     async fn report_bad(&self, addr: &str, id: ChunkId) {
         let Ok(mut c) = self.node(addr) else { return };
         let req = ReportBadRequest {

@@ -215,23 +215,32 @@ impl Repository {
         for s in &snaps {
             stack.push(Self::root_of(s)?);
         }
-        while let Some(id) = stack.pop() {
-            if !trees_seen.insert(id) {
-                continue;
-            }
-            chunks.insert(id);
-            let t = match self.tree(id).await {
-                Ok(t) => t,
-                Err(e) => {
-                    report.read_errors.push(format!("tree {id}: {e}"));
-                    continue;
-                }
-            };
-            for n in t.nodes {
-                match n.kind {
-                    Kind::Dir { subtree } => stack.push(subtree),
-                    Kind::File { content } => chunks.extend(content.iter().map(|c| c.id)),
-                    Kind::Symlink { .. } => {}
+        // Walk the trees a frontier at a time, fetching each frontier concurrently.
+        while !stack.is_empty() {
+            let frontier: Vec<ChunkId> = std::mem::take(&mut stack)
+                .into_iter()
+                .filter(|id| trees_seen.insert(*id))
+                .collect();
+            let fetched: Vec<(ChunkId, Result<Tree>)> = futures::stream::iter(frontier)
+                .map(|id| async move { (id, self.tree(id).await) })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for (id, t) in fetched {
+                chunks.insert(id);
+                let t = match t {
+                    Ok(t) => t,
+                    Err(e) => {
+                        report.read_errors.push(format!("tree {id}: {e}"));
+                        continue;
+                    }
+                };
+                for n in t.nodes {
+                    match n.kind {
+                        Kind::Dir { subtree } => stack.push(subtree),
+                        Kind::File { content } => chunks.extend(content.iter().map(|c| c.id)),
+                        Kind::Symlink { .. } => {}
+                    }
                 }
             }
         }
@@ -258,13 +267,19 @@ impl Repository {
                         && pct > 0.0
                 })
                 .collect();
-            let mut results = futures::stream::iter(selected)
-                .map(|id| async move { (id, self.cluster.get(&self.keys, id).await) })
-                .buffer_unordered(8);
-            while let Some((id, r)) = results.next().await {
-                match r {
-                    Ok(_) => report.read_verified += 1,
-                    Err(e) => report.read_errors.push(format!("chunk {id}: {e}")),
+            // Batches of up to 256 chunks, four batches at a time.
+            let mut results = futures::stream::iter(selected.chunks(256).map(<[ChunkId]>::to_vec))
+                .map(|batch| async move {
+                    let got = self.cluster.get_many(&self.keys, &batch).await;
+                    batch.into_iter().zip(got).collect::<Vec<_>>()
+                })
+                .buffer_unordered(4);
+            while let Some(batch) = results.next().await {
+                for (id, r) in batch {
+                    match r {
+                        Ok(_) => report.read_verified += 1,
+                        Err(e) => report.read_errors.push(format!("chunk {id}: {e}")),
+                    }
                 }
             }
         }

@@ -26,6 +26,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::tree::{ChunkRef, Kind, Node, Tree};
 use cairn_proto::metadata::SnapshotRecord;
+use cairn_proto::ChunkId;
 
 /// Chunks fetched in parallel per file.
 const FETCH_PARALLEL: usize = 4;
@@ -66,9 +67,12 @@ pub struct RestoreSummary {
     pub metadata_skipped: u64,
 }
 
-/// Files restored at once; chunks fetched at once per file. Together they bound memory to
-/// about `FILES_PARALLEL × FETCH_PARALLEL` chunks.
-const FILES_PARALLEL: usize = 8;
+/// Files restored at once (many small files are latency-bound).
+const FILES_PARALLEL: usize = 32;
+/// Subtrees fetched at once.
+const TREE_PARALLEL: usize = 16;
+/// Bytes of chunks fetched but not yet written, across all files, in KiB: bounds memory.
+const INFLIGHT_KIB: usize = 64 * 1024;
 
 struct FileDone {
     bytes: u64,
@@ -87,6 +91,7 @@ struct Restorer<'a> {
     dir_meta: Vec<(Node, PathBuf)>,
     tasks: JoinSet<Result<FileDone>>,
     sem: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
     sum: RestoreSummary,
     progress: &'a Progress,
     euid_root: bool,
@@ -115,6 +120,23 @@ impl Restorer<'_> {
 
     async fn dir(&mut self, tree: &Tree, rel: &Path, abs: &Path, whole: bool) -> Result<bool> {
         let mut any = false;
+        // Fetch this directory's subtrees concurrently.
+        let ids: Vec<ChunkId> = tree
+            .nodes
+            .iter()
+            .filter_map(|n| match n.kind {
+                Kind::Dir { subtree } => Some(subtree),
+                _ => None,
+            })
+            .collect();
+        let repo = self.repo;
+        let subtrees: HashMap<ChunkId, Tree> = futures::stream::iter(ids)
+            .map(|id| async move { repo.tree(id).await.map(|t| (id, t)) })
+            .buffer_unordered(TREE_PARALLEL)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
         for node in &tree.nodes {
             let name = std::ffi::OsStr::from_bytes(&node.name);
             let crel = rel.join(name);
@@ -122,7 +144,8 @@ impl Restorer<'_> {
             let take = whole || self.wanted(&crel);
             match &node.kind {
                 Kind::Dir { subtree } => {
-                    let sub = self.repo.tree(*subtree).await?;
+                    // Identical directories share one subtree id: clone, do not take.
+                    let sub = subtrees.get(subtree).cloned().expect("prefetched above");
                     if take {
                         ensure_dir(&cabs)?;
                     }
@@ -165,11 +188,15 @@ impl Restorer<'_> {
                         self.reap(r)?;
                     }
                     let (repo, node, content) = (self.repo.clone(), node.clone(), content.clone());
-                    let (verify, root, progress) =
-                        (self.opts.verify, self.euid_root, self.progress.clone());
+                    let ctx = FileCtx {
+                        verify: self.opts.verify,
+                        euid_root: self.euid_root,
+                        progress: self.progress.clone(),
+                        budget: self.bytes.clone(),
+                    };
                     self.tasks.spawn(async move {
                         let _permit = permit;
-                        restore_file(&repo, &node, &content, &cabs, verify, root, &progress).await
+                        restore_file(&repo, &node, &content, &cabs, &ctx).await
                     });
                 }
             }
@@ -194,21 +221,28 @@ impl Restorer<'_> {
     }
 }
 
+/// What every file task shares.
+struct FileCtx {
+    verify: bool,
+    euid_root: bool,
+    progress: Progress,
+    budget: Arc<Semaphore>,
+}
+
 async fn restore_file(
     repo: &Repository,
     node: &Node,
     content: &[ChunkRef],
     path: &Path,
-    verify: bool,
-    euid_root: bool,
-    progress: &Progress,
+    ctx: &FileCtx,
 ) -> Result<FileDone> {
+    let (verify, euid_root, progress) = (ctx.verify, ctx.euid_root, &ctx.progress);
     let dir = path.parent().expect("restored files live in a directory");
     let tmp = dir.join(format!(
         ".cairn-restore-{}",
         hex::encode(rand::random::<[u8; 8]>())
     ));
-    let result = write_file(repo, content, &tmp, node.size, progress).await;
+    let result = write_file(repo, content, &tmp, node.size, progress, &ctx.budget).await;
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -232,13 +266,25 @@ async fn write_file(
     tmp: &Path,
     size: u64,
     progress: &Progress,
+    budget: &Arc<Semaphore>,
 ) -> Result<()> {
     let mut f = std::fs::File::create(tmp).map_err(io(tmp))?;
     let mut chunks = futures::stream::iter(content.iter().copied())
-        .map(|c| async move { repo.cluster.get(&repo.keys, c.id).await.map(|d| (c, d)) })
+        .map(|c| async move {
+            let kib = (c.len as usize).div_ceil(1024).clamp(1, INFLIGHT_KIB) as u32;
+            let permit = budget
+                .clone()
+                .acquire_many_owned(kib)
+                .await
+                .expect("semaphore open");
+            repo.cluster
+                .get(&repo.keys, c.id)
+                .await
+                .map(|d| (c, d, permit))
+        })
         .buffered(FETCH_PARALLEL);
     while let Some(r) = chunks.next().await {
-        let (c, data) = r?;
+        let (c, data, _permit) = r?;
         if data.len() != c.len as usize {
             return Err(Error::Integrity(format!(
                 "chunk {} has the wrong length",
@@ -366,6 +412,7 @@ impl Repository {
             dir_meta: Vec::new(),
             tasks: JoinSet::new(),
             sem: Arc::new(Semaphore::new(FILES_PARALLEL)),
+            bytes: Arc::new(Semaphore::new(INFLIGHT_KIB)),
             sum: RestoreSummary {
                 snapshot: snap.id.clone(),
                 ..Default::default()

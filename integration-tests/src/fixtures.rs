@@ -73,6 +73,8 @@ pub fn make_tree(root: &Path) {
     std::fs::create_dir_all(&deep).unwrap();
     std::fs::write(deep.join("leaf.txt"), b"far down").unwrap();
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    // A second identical directory: both share one tree id.
+    std::fs::create_dir_all(root.join("another-empty-dir")).unwrap();
     std::os::unix::fs::symlink("docs/readme.txt", root.join("link-to-readme")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/target", root.join("dangling")).unwrap();
     std::fs::hard_link(root.join("docs/readme.txt"), root.join("hardlink.txt")).unwrap();
