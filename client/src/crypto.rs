@@ -113,6 +113,11 @@ pub fn unwrap_master(password: &[u8], w: &Wrapped) -> Result<Option<Keys>> {
 }
 
 impl Keys {
+    /// The keys derived from a tenant's master key (normally unwrapped with the password).
+    pub fn from_master_key(master: &[u8; 32]) -> Self {
+        Self::from_master(master)
+    }
+
     fn from_master(master: &[u8; 32]) -> Self {
         let id_key = blake3::derive_key("cairn 2026 chunk id key", master);
         let data_key = blake3::derive_key("cairn 2026 data encryption key", master);

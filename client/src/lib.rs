@@ -20,7 +20,7 @@
 //! ```
 
 mod backup;
-mod chunker;
+pub(crate) mod chunker;
 mod cluster;
 mod crypto;
 mod error;
@@ -31,6 +31,7 @@ mod restore;
 mod tree;
 
 pub use backup::{BackupKind, BackupOptions, BackupSummary, ChunkerOptions};
+pub use chunker::chunk_stream;
 pub use cluster::{BadCopy, Cluster};
 pub use crypto::{Keys, KDF};
 pub use error::{Error, Result};
