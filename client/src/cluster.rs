@@ -14,6 +14,7 @@ use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
 use cairn_proto::chunk::{GetChunksRequest, HasChunksRequest, PutChunkRequest, ReportBadRequest};
 use cairn_proto::coord_client::CoordClient;
 use cairn_proto::metadata::GetLayoutRequest;
+use cairn_proto::transport::NodeChannels;
 use cairn_proto::types::Layout;
 use cairn_proto::ChunkId;
 use tonic::transport::Channel;
@@ -39,7 +40,7 @@ pub struct Cluster {
     /// The coordinator client.
     pub coord: Arc<CoordClient>,
     layout: RwLock<Arc<Layout>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: NodeChannels,
     bad: Mutex<Vec<BadCopy>>,
     /// Nodes that recently failed or timed out, and when: tried last for a while.
     suspect: Mutex<HashMap<u64, Instant>>,
@@ -62,7 +63,7 @@ impl Cluster {
         let c = Arc::new(Self {
             coord,
             layout: RwLock::new(Arc::new(Layout::default())),
-            channels: Mutex::new(HashMap::new()),
+            channels: NodeChannels::default(),
             bad: Mutex::new(Vec::new()),
             suspect: Mutex::new(HashMap::new()),
         });
@@ -115,20 +116,7 @@ impl Cluster {
 
     /// A client for the storage node at `addr`.
     pub fn node(&self, addr: &str) -> Result<ChunkStoreClient<Channel>> {
-        let ch = {
-            let mut map = self.channels.lock().expect("channel lock");
-            match map.get(addr) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = cairn_proto::coord_client::endpoint(addr)?.connect_lazy();
-                    map.insert(addr.to_string(), c.clone());
-                    c
-                }
-            }
-        };
-        Ok(ChunkStoreClient::new(ch)
-            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
+        Ok(self.channels.client(addr)?)
     }
 
     /// Which ids the cluster already holds (asked of each chunk's primary, falling over to the

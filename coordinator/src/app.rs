@@ -190,7 +190,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 RaftServiceServer::new(RaftRpc::new(raft.clone()))
                     .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
             )
-            .serve_with_incoming_shutdown(tokio_stream_listener(listener), async move {
+            .serve_with_incoming_shutdown(cairn_proto::transport::incoming(listener), async move {
                 let _ = srx.changed().await;
             }),
     );
@@ -219,34 +219,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     })
 }
 
-fn tokio_stream_listener(
-    l: TcpListener,
-) -> impl futures::Stream<Item = Result<tokio::net::TcpStream, std::io::Error>> {
-    futures::stream::unfold(l, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    })
-}
-
 impl Running {
     /// Stops serving, stops background tasks, then stops Raft.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        // Graceful: in-flight calls finish; peers' idle HTTP/2 connections are not waited for
-        // beyond a bound.
-        let mut server = self.server;
-        match tokio::time::timeout(Duration::from_secs(3), &mut server).await {
-            Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
-            Ok(Err(e)) => warn!(error = %e, "server task failed"),
-            Ok(Ok(Ok(()))) => {}
-            Err(_) => {
-                warn!("connections still open after 3 s; closing them");
-                server.abort();
-            }
-        }
+        cairn_proto::transport::stop_server(self.server, Duration::from_secs(3)).await;
         let _ = self.liveness.await;
         if let Err(e) = self.node.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");

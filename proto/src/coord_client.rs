@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::metadata::coordinator_client::CoordinatorClient;
@@ -18,22 +18,7 @@ use crate::LEADER_HEADER;
 /// How long a call keeps looking for a leader before it gives up.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Builds a lazily-connecting endpoint from `host:port` or a URL.
-pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("bad address {addr}: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        // No call of the public services legitimately takes this long; a stalled peer does.
-        .timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5)))
-}
+pub use crate::transport::endpoint;
 
 /// Redirect-following coordinator client (cheap to share behind an `Arc`).
 pub struct CoordClient {

@@ -26,6 +26,7 @@ pub mod chunk {
 }
 
 pub mod coord_client;
+pub mod transport;
 
 /// Number of placement partitions. Fixed for the life of a cluster.
 pub const PARTITIONS: u32 = 1024;

@@ -11,7 +11,7 @@ use cairn_proto::coord_client::CoordClient;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::chunkstore::{ChunkStore, StoreError};
 use crate::healing::{HealConfig, Healer};
@@ -185,13 +185,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let svc = ChunkStoreServer::new(ChunkService::new(store.clone(), repl, me.clone(), healer))
         .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE);
-    let incoming = futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    });
+    let incoming = cairn_proto::transport::incoming(listener);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .concurrency_limit_per_connection(64)
@@ -215,18 +209,7 @@ impl Running {
     /// Stops serving, stops the workers, then closes the store.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        // Graceful: in-flight calls finish; peers' idle HTTP/2 connections are not waited for
-        // beyond a bound.
-        let mut server = self.server;
-        match tokio::time::timeout(Duration::from_secs(3), &mut server).await {
-            Ok(Ok(Err(e))) => warn!(error = %e, "server ended with an error"),
-            Ok(Err(e)) => warn!(error = %e, "server task failed"),
-            Ok(Ok(Ok(()))) => {}
-            Err(_) => {
-                warn!("connections still open after 3 s; closing them");
-                server.abort();
-            }
-        }
+        cairn_proto::transport::stop_server(self.server, Duration::from_secs(3)).await;
         for t in self.tasks {
             let _ = t.await;
         }

@@ -6,13 +6,14 @@
 //! write quorum W, with each missing copy recorded in a persisted repair queue. Below W nothing
 //! is acknowledged. A background worker drains the repair queue with exponential back-off.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
 use cairn_proto::chunk::PutChunkRequest;
+use cairn_proto::transport::NodeChannels;
 use cairn_proto::{ChunkId, MAX_BLOB_SIZE};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{watch, Notify};
@@ -105,7 +106,7 @@ pub struct Replicator {
     store: ChunkStore,
     repair: sled::Tree,
     wake: Notify,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: NodeChannels,
     repairs_done: std::sync::atomic::AtomicU64,
 }
 
@@ -132,7 +133,7 @@ impl Replicator {
             store,
             repair,
             wake: Notify::new(),
-            channels: Mutex::new(HashMap::new()),
+            channels: NodeChannels::default(),
             repairs_done: Default::default(),
         }))
     }
@@ -149,20 +150,7 @@ impl Replicator {
 
     /// A client for the storage node at `addr` (channels are cached).
     pub fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, tonic::Status> {
-        let ch = {
-            let mut map = self.channels.lock().expect("channel cache lock");
-            match map.get(addr) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = cairn_proto::coord_client::endpoint(addr)?.connect_lazy();
-                    map.insert(addr.to_string(), c.clone());
-                    c
-                }
-            }
-        };
-        Ok(ChunkStoreClient::new(ch)
-            .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE))
+        self.channels.client(addr)
     }
 
     async fn check_served(&self, items: &[PutItem], sender_layout: u64) -> Result<(), ReplError> {

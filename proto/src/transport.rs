@@ -1,0 +1,85 @@
+//! Connection plumbing every Cairn process shares: endpoints, a cache of channels to storage
+//! nodes, a server's accept stream, and the bounded graceful stop of a server.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+use crate::chunk::chunk_store_client::ChunkStoreClient;
+
+/// A lazily-connecting endpoint from `host:port` or a URL, with Cairn's timeouts.
+pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(url)
+        .map_err(|e| Status::invalid_argument(format!("bad address {addr}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        // No call of the public services legitimately takes this long; a stalled peer does.
+        .timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+/// One cached channel per storage node address.
+#[derive(Default)]
+pub struct NodeChannels {
+    map: Mutex<HashMap<String, Channel>>,
+}
+
+impl NodeChannels {
+    /// A client for the storage node at `addr`, on a cached channel.
+    pub fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, Status> {
+        let ch = {
+            let mut map = self.map.lock().expect("channel cache lock");
+            match map.get(addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = endpoint(addr)?.connect_lazy();
+                    map.insert(addr.to_string(), c.clone());
+                    c
+                }
+            }
+        };
+        Ok(ChunkStoreClient::new(ch)
+            .max_decoding_message_size(crate::MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(crate::MAX_MESSAGE_SIZE))
+    }
+}
+
+/// The accepted connections of `listener`, with Nagle off, for `serve_with_incoming_shutdown`.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = Result<TcpStream, std::io::Error>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+/// Waits for a server told to shut down: in-flight calls finish, but peers' idle HTTP/2
+/// connections are not waited for beyond `grace`.
+pub async fn stop_server(
+    mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+) {
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+        Ok(Ok(Ok(()))) => {}
+        Err(_) => {
+            tracing::warn!("connections still open after {grace:?}; closing them");
+            server.abort();
+        }
+    }
+}
