@@ -9,10 +9,11 @@
 //! chunk id as associated data, so a blob cannot be passed off under another id. Storage nodes
 //! only ever see blobs and blake3(blob).
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use std::sync::Arc;
+
 use cairn_proto::ChunkId;
 use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 use crate::error::{Error, Result};
 
@@ -21,11 +22,52 @@ const FLAG_ZSTD: u8 = 1;
 /// KDF parameters of new tenants (argon2id; memory in KiB, iterations, lanes).
 pub const KDF: &str = "argon2id:m=65536,t=2,p=1";
 
+/// AES-256-GCM (ring). Sealed output is `ciphertext | 16-byte tag`.
+#[derive(Clone)]
+struct Cipher(Arc<LessSafeKey>);
+
+impl Cipher {
+    fn new(key: &[u8; 32]) -> Self {
+        Self(Arc::new(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte AES-256 key"),
+        )))
+    }
+
+    /// Encrypts `data` in place; returns the tag.
+    fn seal_in_place(&self, nonce: [u8; 12], aad: &[u8], data: &mut [u8]) -> [u8; 16] {
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), data)
+            .expect("AES-GCM sealing of an in-memory buffer");
+        tag.as_ref().try_into().expect("16-byte tag")
+    }
+
+    fn seal(&self, nonce: [u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut out = plaintext.to_vec();
+        let tag = self.seal_in_place(nonce, aad, &mut out);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Decrypts `ciphertext | tag`; `None` if it does not authenticate.
+    fn open(&self, nonce: &[u8], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = sealed.to_vec();
+        let len = self
+            .0
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .ok()?
+            .len();
+        buf.truncate(len);
+        Some(buf)
+    }
+}
+
 /// The keys of an unlocked tenant.
 #[derive(Clone)]
 pub struct Keys {
     id_key: [u8; 32],
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     zstd_level: i32,
 }
 
@@ -82,9 +124,7 @@ pub fn new_master(password: &[u8], kdf_spec: &str) -> Result<(Wrapped, Keys)> {
     let kek = kdf(password, &salt, kdf_spec)?;
     let mut nonce = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut nonce);
-    let ct = Aes256Gcm::new(&kek.into())
-        .encrypt(Nonce::from_slice(&nonce), master.as_slice())
-        .map_err(|_| Error::Integrity("key wrapping failed".into()))?;
+    let ct = Cipher::new(&kek).seal(nonce, &[], &master);
     let mut wrapped_key = nonce.to_vec();
     wrapped_key.extend(ct);
     Ok((
@@ -104,8 +144,8 @@ pub fn unwrap_master(password: &[u8], w: &Wrapped) -> Result<Option<Keys>> {
     }
     let kek = kdf(password, &w.salt, &w.kdf)?;
     let (nonce, ct) = w.wrapped_key.split_at(12);
-    match Aes256Gcm::new(&kek.into()).decrypt(Nonce::from_slice(nonce), ct) {
-        Ok(master) if master.len() == 32 => Ok(Some(Keys::from_master(
+    match Cipher::new(&kek).open(nonce, &[], ct) {
+        Some(master) if master.len() == 32 => Ok(Some(Keys::from_master(
             master.as_slice().try_into().expect("32"),
         ))),
         _ => Ok(None),
@@ -123,7 +163,7 @@ impl Keys {
         let data_key = blake3::derive_key("cairn 2026 data encryption key", master);
         Self {
             id_key,
-            cipher: Aes256Gcm::new(&data_key.into()),
+            cipher: Cipher::new(&data_key),
             zstd_level: 3,
         }
     }
@@ -176,22 +216,16 @@ impl Sealer<'_> {
         };
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let ct = self
-            .keys
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: body,
-                    aad: &id.0,
-                },
-            )
-            .map_err(|_| Error::Integrity("encryption failed".into()))?;
-        let mut blob = Vec::with_capacity(14 + ct.len());
+        let mut blob = Vec::with_capacity(14 + body.len() + 16);
         blob.push(BLOB_VERSION);
         blob.push(flags);
         blob.extend_from_slice(&nonce);
-        blob.extend(ct);
+        blob.extend_from_slice(body);
+        let tag = self
+            .keys
+            .cipher
+            .seal_in_place(nonce, &id.0, &mut blob[14..]);
+        blob.extend_from_slice(&tag);
         Ok(blob)
     }
 }
@@ -205,14 +239,8 @@ impl Keys {
         let flags = blob[1];
         let body = self
             .cipher
-            .decrypt(
-                Nonce::from_slice(&blob[2..14]),
-                Payload {
-                    msg: &blob[14..],
-                    aad: &id.0,
-                },
-            )
-            .map_err(|_| Error::Integrity(format!("chunk {id}: authentication failed")))?;
+            .open(&blob[2..14], &id.0, &blob[14..])
+            .ok_or_else(|| Error::Integrity(format!("chunk {id}: authentication failed")))?;
         let plain = if flags & FLAG_ZSTD != 0 {
             zstd::bulk::decompress(&body, max_len)
                 .map_err(|e| Error::Integrity(format!("chunk {id}: decompression: {e}")))?
