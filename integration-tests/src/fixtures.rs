@@ -194,3 +194,34 @@ pub fn compare_trees(a: &Path, b: &Path) -> Result<(), String> {
 pub fn allocated(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().blocks() * 512
 }
+
+/// Flips one byte in the middle of the blob of up to `max` records (of more than 64 bytes) in
+/// the segment files under `segments`; returns how many records it corrupted.
+pub fn corrupt_records(segments: &Path, max: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut flipped = 0;
+    for e in std::fs::read_dir(segments).unwrap() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(e.unwrap().path())
+            .unwrap();
+        let len = f.metadata().unwrap().len();
+        let mut off = 0u64;
+        while off + 76 <= len && flipped < max {
+            let mut h = [0u8; 76];
+            f.read_exact_at(&mut h, off).unwrap();
+            assert_eq!(&h[..4], b"CRN1", "a record header");
+            let blob = u64::from(u32::from_le_bytes(h[4..8].try_into().unwrap()));
+            if blob > 64 {
+                let at = off + 76 + blob / 2;
+                let mut b = [0u8; 1];
+                f.read_exact_at(&mut b, at).unwrap();
+                f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+                flipped += 1;
+            }
+            off += 76 + blob;
+        }
+    }
+    flipped
+}

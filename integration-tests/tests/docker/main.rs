@@ -3,10 +3,10 @@
 //! acknowledged snapshot must be in the catalog and restore byte-identical.
 //! Runs when `CAIRN_DOCKER_TESTS=1` (set by `.ci/run` when a Docker engine is available).
 
-use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use cairn_integration_tests::docker::{docker, enabled, verify, Compose, Workload};
+use cairn_integration_tests::fixtures::corrupt_records;
 
 const T: Duration = Duration::from_secs(120);
 
@@ -142,30 +142,7 @@ fn bit_rot_in_a_segment_file_is_repaired() {
     let w = Workload::start(&c);
     w.wait_more(&c, 3, T);
     // Flip a byte inside up to five records of node1's segment files.
-    let segs = c.volume_path("node1").join("segments");
-    let mut flipped = 0;
-    for e in std::fs::read_dir(&segs).unwrap() {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(e.unwrap().path())
-            .unwrap();
-        let len = f.metadata().unwrap().len();
-        let mut off = 0u64;
-        while off + 76 <= len && flipped < 5 {
-            let mut h = [0u8; 76];
-            f.read_exact_at(&mut h, off).unwrap();
-            let blob = u64::from(u32::from_le_bytes(h[4..8].try_into().unwrap()));
-            if blob > 64 {
-                let at = off + 76 + blob / 2;
-                let mut b = [0u8; 1];
-                f.read_exact_at(&mut b, at).unwrap();
-                f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
-                flipped += 1;
-            }
-            off += 76 + blob;
-        }
-    }
+    let flipped = corrupt_records(&c.volume_path("node1").join("segments"), 5);
     assert!(flipped > 0, "node1 held records to corrupt");
     let node1 = format!("{}:7100", c.ip("node1"));
     c.wait(

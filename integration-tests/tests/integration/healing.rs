@@ -2,10 +2,9 @@
 //! Copies are counted through the nodes' admin RPCs (ListChunks), never through logs.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use cairn_integration_tests::fixtures::random_bytes;
+use cairn_integration_tests::fixtures::{corrupt_records, random_bytes};
 use cairn_integration_tests::{wait_for, Spec, TestCluster};
 use cairn_proto::metadata::ListNodesRequest;
 use cairn_proto::types::NodeState;
@@ -205,30 +204,7 @@ async fn scrub_finds_and_repairs_ten_corrupt_blobs() {
     let b = c.cli_json(&["backup", src.to_str().unwrap()]);
     let held = c.node_chunks(0).await.unwrap().len();
     // Flip one byte inside the blob of ten records of node 0's segment files.
-    let mut flipped = 0;
-    for e in std::fs::read_dir(c.node_dir(0).join("segments")).unwrap() {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(e.unwrap().path())
-            .unwrap();
-        let len = f.metadata().unwrap().len();
-        let mut off = 0u64;
-        while off + 76 <= len && flipped < 10 {
-            let mut h = [0u8; 76];
-            f.read_exact_at(&mut h, off).unwrap();
-            assert_eq!(&h[..4], b"CRN1");
-            let blob_len = u64::from(u32::from_le_bytes(h[4..8].try_into().unwrap()));
-            if blob_len > 100 {
-                let at = off + 76 + blob_len / 2;
-                let mut byte = [0u8; 1];
-                f.read_exact_at(&mut byte, at).unwrap();
-                f.write_all_at(&[byte[0] ^ 0xff], at).unwrap();
-                flipped += 1;
-            }
-            off += 76 + blob_len;
-        }
-    }
+    let flipped = corrupt_records(&c.node_dir(0).join("segments"), 10);
     assert_eq!(flipped, 10);
     let s = wait_for(
         "scrub to find and repair all ten",
