@@ -175,6 +175,15 @@ impl Compose {
         }
     }
 
+    /// Waits until `cairn check` finds no chunk missing and none below R.
+    pub fn wait_redundancy(&self, timeout: Duration) {
+        self.wait("every chunk back at R", timeout, || {
+            self.try_json(&["check"]).is_some_and(|r| {
+                r["under_replicated"] == 0 && r["missing"].as_array().is_some_and(|m| m.is_empty())
+            })
+        });
+    }
+
     /// Waits until `n` storage nodes are Active and heard from.
     pub fn wait_nodes_active(&self, n: usize, timeout: Duration) {
         self.wait("storage nodes to be active", timeout, || {
@@ -381,6 +390,13 @@ impl Workload {
         c.wait(&format!("{n} more acknowledged backups"), timeout, || {
             self.count() >= target
         });
+    }
+
+    /// Stops the loop and checks that every acknowledged snapshot restores ([`verify`]).
+    pub fn finish(self, c: &Compose) {
+        let src = self.src.clone();
+        let acked = self.stop();
+        verify(c, &acked, &src);
     }
 
     /// Stops the loop and returns what was acknowledged.

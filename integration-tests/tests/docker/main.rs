@@ -24,9 +24,7 @@ fn kill9_of_the_coordinator_leader() {
     w.wait_more(&c, 3, T);
     assert_ne!(c.leader(), leader, "a new leader took over");
     docker(&["start", &c.container(&leader)]);
-    let src = w.src.clone();
-    let acked = w.stop();
-    verify(&c, &acked, &src);
+    w.finish(&c);
 }
 
 #[test]
@@ -45,11 +43,7 @@ fn storage_node_cut_off_mid_backup_then_healed() {
     let src = w.src.clone();
     let acked = w.stop();
     // The copies node3 missed come back: nothing stays below R.
-    c.wait("redundancy back at R", T, || {
-        c.try_json(&["check"]).is_some_and(|r| {
-            r["under_replicated"] == 0 && r["missing"].as_array().unwrap().is_empty()
-        })
-    });
+    c.wait_redundancy(T);
     verify(&c, &acked, &src);
 }
 
@@ -70,9 +64,7 @@ fn coordinator_leader_partitioned_from_the_majority() {
     w.wait_more(&c, 3, T);
     c.connect(&leader);
     w.wait_more(&c, 1, T);
-    let src = w.src.clone();
-    let acked = w.stop();
-    verify(&c, &acked, &src);
+    w.finish(&c);
 }
 
 #[test]
@@ -92,9 +84,7 @@ fn rolling_restart_of_every_container() {
         c.wait_nodes_active(5, T);
         w.wait_more(&c, 1, T);
     }
-    let src = w.src.clone();
-    let acked = w.stop();
-    verify(&c, &acked, &src);
+    w.finish(&c);
 }
 
 #[test]
@@ -124,11 +114,7 @@ fn storage_node_and_its_volume_destroyed_for_good() {
             })
         })
     });
-    c.wait("every chunk back at R", T, || {
-        c.try_json(&["check"]).is_some_and(|r| {
-            r["under_replicated"] == 0 && r["missing"].as_array().unwrap().is_empty()
-        })
-    });
+    c.wait_redundancy(T);
     verify(&c, &acked, &src);
 }
 
@@ -158,9 +144,7 @@ fn bit_rot_in_a_segment_file_is_repaired() {
             })
         },
     );
-    let src = w.src.clone();
-    let acked = w.stop();
-    verify(&c, &acked, &src);
+    w.finish(&c);
 }
 
 #[test]
@@ -193,7 +177,5 @@ fn paused_node_and_slow_link() {
         );
     }
     w.wait_more(&c, 1, T);
-    let src = w.src.clone();
-    let acked = w.stop();
-    verify(&c, &acked, &src);
+    w.finish(&c);
 }
