@@ -113,6 +113,62 @@ async fn torn_tail_is_cut_and_acknowledged_data_kept() {
     s.close().await;
 }
 
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn crash_image_keeps_data_and_padding_is_a_clean_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let items: Vec<_> = (0..7).map(|n| item(n, 3001 + n as usize)).collect();
+    let records: u64 = items.iter().map(|i| 76 + i.blob.len() as u64).sum();
+    let crashed = tempfile::tempdir().unwrap();
+    {
+        let s = ChunkStore::open(dir.path()).unwrap();
+        s.put(items[..3].to_vec()).await.unwrap();
+        s.put(items[3..].to_vec()).await.unwrap();
+        // A copy taken now is what a crash would leave: the active segment still has the
+        // zero padding of its last block.
+        copy_tree(dir.path(), crashed.path());
+        s.close().await;
+    }
+    let dir = crashed;
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    assert!(
+        len > records && len.is_multiple_of(4096),
+        "padded to a block: {len}"
+    );
+    let s = ChunkStore::open(dir.path()).unwrap();
+    for it in &items {
+        assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
+    }
+    s.put(vec![item(50, 9000)]).await.unwrap();
+    s.close().await;
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        records + 76 + 9000,
+        "close cuts the padding"
+    );
+    drop(s);
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(s.stats().chunks, 8);
+    assert_eq!(
+        s.get(item(50, 9000).id).await.unwrap().0,
+        item(50, 9000).blob.as_ref()
+    );
+    s.close().await;
+}
+
 #[tokio::test]
 async fn flipped_bit_is_a_corruption_error_never_bad_data() {
     let dir = tempfile::tempdir().unwrap();

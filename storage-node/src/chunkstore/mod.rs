@@ -10,11 +10,12 @@
 //! the group (group commit). On open, records past the recorded frontier are re-verified and
 //! indexed; the first torn or invalid record there and everything after it is cut.
 
+pub mod appender;
 pub mod segment;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -24,6 +25,7 @@ use cairn_proto::ChunkId;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use appender::Appender;
 use segment::{Scanned, HEADER_LEN};
 
 /// A segment is closed and a new one started beyond this size.
@@ -485,25 +487,23 @@ fn frontier_bytes((seg, off): (u32, u64)) -> [u8; 12] {
     f
 }
 
-/// The writer thread's state: the active segment and its end.
+/// The writer thread's state: the active segment.
 struct Writer {
     shared: Arc<Shared>,
     seg: u32,
-    file: File,
-    end: u64,
+    out: Appender,
 }
 
 impl Writer {
     fn new(shared: Arc<Shared>, (seg, end): (u32, u64)) -> io::Result<Self> {
-        let path = seg_path(&shared.dir, seg);
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let out = Appender::open(&seg_path(&shared.dir, seg), end)?;
         fsync_dir(&shared.dir.join("segments"))?;
-        Ok(Self {
-            shared,
-            seg,
-            file,
-            end,
-        })
+        info!(
+            direct = out.is_direct(),
+            segment = seg,
+            "chunk writer started"
+        );
+        Ok(Self { shared, seg, out })
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -530,6 +530,9 @@ impl Writer {
                     }
                     Msg::Shutdown(reply) => {
                         self.flush_puts(&mut puts);
+                        if let Err(e) = self.out.finish() {
+                            warn!(error = %e, "closing the active segment");
+                        }
                         let _ = self.shared.db.flush();
                         let _ = reply.send(());
                         return;
@@ -566,13 +569,9 @@ impl Writer {
     }
 
     fn roll(&mut self) -> io::Result<()> {
-        self.file.sync_all()?;
+        self.out.finish()?;
         self.seg += 1;
-        self.end = 0;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(seg_path(&self.shared.dir, self.seg))?;
+        self.out = Appender::open(&seg_path(&self.shared.dir, self.seg), 0)?;
         fsync_dir(&self.shared.dir.join("segments"))?;
         Ok(())
     }
@@ -588,28 +587,28 @@ impl Writer {
                 continue;
             }
             existed.push(false);
-            if self.end >= SEGMENT_MAX {
+            if self.out.end() >= SEGMENT_MAX {
                 self.roll()?;
             }
-            let header = segment::encode_header(&item.id, &item.hash, item.blob.len() as u32);
-            self.file.write_all(&header)?;
-            self.file.write_all(&item.blob)?;
             let loc = Location {
                 segment: self.seg,
-                offset: self.end,
+                offset: self.out.end(),
                 len: item.blob.len() as u32,
                 hash: item.hash,
             };
-            self.end += loc.record_len();
+            let header = segment::encode_header(&item.id, &item.hash, loc.len);
+            self.out.append(&header)?;
+            self.out.append(&item.blob)?;
             added += loc.record_len();
             idx.insert(&item.id.0[..], &loc.encode()[..]);
         }
         if added > 0 {
-            self.file.sync_data()?;
+            self.out.commit()?;
             self.shared.index.apply_batch(idx)?;
-            self.shared
-                .meta
-                .insert(FRONTIER, frontier_bytes((self.seg, self.end)).to_vec())?;
+            self.shared.meta.insert(
+                FRONTIER,
+                frontier_bytes((self.seg, self.out.end())).to_vec(),
+            )?;
             self.shared.db.flush()?;
             self.shared.live_bytes.fetch_add(added, Ordering::Relaxed);
         }

@@ -82,14 +82,14 @@ pub fn scan(file: &File, mut offset: u64, mut f: impl FnMut(Scanned)) -> io::Res
         if offset + HEADER_LEN as u64 > size {
             return Ok(Scanned::End {
                 offset,
-                clean: false,
+                clean: is_padding(file, offset, size)?,
             });
         }
         file.read_exact_at(&mut header, offset)?;
         let Some(h) = decode_header(&header) else {
             return Ok(Scanned::End {
                 offset,
-                clean: false,
+                clean: is_padding(file, offset, size)?,
             });
         };
         let end = offset + HEADER_LEN as u64 + u64::from(h.len);
@@ -108,6 +108,18 @@ pub fn scan(file: &File, mut offset: u64, mut f: impl FnMut(Scanned)) -> io::Res
         }
         offset = end;
     }
+}
+
+/// Whether `offset..size` is the zero padding of the active segment's last block (see
+/// [`super::appender`]): less than a block, all zeros.
+fn is_padding(file: &File, offset: u64, size: u64) -> io::Result<bool> {
+    let n = size - offset;
+    if n >= super::appender::BLOCK as u64 {
+        return Ok(false);
+    }
+    let mut rest = vec![0u8; n as usize];
+    file.read_exact_at(&mut rest, offset)?;
+    Ok(rest.iter().all(|&b| b == 0))
 }
 
 /// Reads a record's blob and verifies it; `Err(InvalidData)` if it does not match.
