@@ -41,7 +41,7 @@ const BATCH_CHUNKS: usize = 128;
 /// Parent trees fetched at once.
 const PREFETCH_PARALLEL: usize = 16;
 /// Most batches in flight.
-pub const MAX_BATCHES: usize = 4;
+pub const MAX_BATCHES: usize = 3;
 /// The in-session dedup set is cleared beyond this many ids (bounded memory).
 const SEEN_MAX: usize = 1 << 20;
 

@@ -1,6 +1,6 @@
 //! Content-defined chunking of a byte stream with FastCDC (v2020), through a bounded window.
 //!
-//! The window (at least 16 MiB and 4× the maximum chunk) is filled from the reader; every chunk
+//! The window (at least 8 MiB and 2× the maximum chunk) is filled from the reader; every chunk
 //! FastCDC finds in it is emitted except the last one, which may have been cut short by the end
 //! of the window: those bytes move to the front and are chunked again with more data behind
 //! them. A cut depends only on the `max` bytes after a chunk's start, so the boundaries are the
@@ -18,7 +18,7 @@ pub fn chunk_stream<R: Read>(
     c: ChunkerOptions,
     mut emit: impl FnMut(&[u8]) -> bool,
 ) -> io::Result<u64> {
-    let window = (c.max as usize * 4).max(16 << 20);
+    let window = (c.max as usize * 2).max(8 << 20);
     let mut buf: Vec<u8> = Vec::with_capacity((size_hint as usize).min(window) + 1);
     let mut eof = false;
     let mut total = 0u64;

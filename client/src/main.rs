@@ -860,7 +860,22 @@ async fn cluster_cmd(ctx: &Ctx, c: ClusterCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc gives each thread that meets contention an arena of its own (up to 8 per core) and
+/// keeps freed multi-megabyte chunk buffers cached in every one of them; with the backup's
+/// reader and sealing threads that nearly doubled the client's peak memory. Two arenas keep
+/// the same speed.
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; it is called once, before any other
+    // thread exists, and its argument is a plain integer.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     // A reader that goes away (`cairn snapshots | head`) ends the output quietly, as in other
     // Unix tools, instead of a panic report.
     let default_hook = std::panic::take_hook();
