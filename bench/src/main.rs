@@ -11,6 +11,10 @@
 //! It records wall time, CPU seconds (for Cairn: the client plus every cluster process), the
 //! client's peak memory and the repository size, then prints medians and Cairn/restic ratios
 //! against the targets and writes them as markdown and JSON into `--out`.
+//!
+//! Then (unless `--growth 0`) it checks that the client's memory stays flat as a repository
+//! grows: both tools back up `--growth` differently seeded datasets of the same size into one
+//! repository each, and the peak memory of every backup is reported (1× … N× the data).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -38,6 +42,10 @@ struct Args {
     /// Where the results go.
     #[arg(long, default_value = "bench/out")]
     out: PathBuf,
+    /// Backups of new data into one growing repository for the memory-flatness check
+    /// (peak client memory at 1× and at this many times the data); 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    growth: u32,
 }
 
 const PASSWORD: &str = "bench password";
@@ -64,8 +72,13 @@ fn text(r: &mut impl Rng, len: usize) -> Vec<u8> {
 /// Writes the dataset: ~100k text-like files of realistic sizes in a nested tree (scaled with
 /// the size), one incompressible file and one partly compressible binary file.
 fn generate(dir: &Path, size_gb: f64) -> Result<u64> {
+    generate_seeded(dir, size_gb, 42)
+}
+
+/// [`generate`] with another seed: same shape, different content (and file names).
+fn generate_seeded(dir: &Path, size_gb: f64, seed: u64) -> Result<u64> {
     let marker = dir.join(".generated");
-    let spec = format!("v2 {size_gb}");
+    let spec = format!("v2 {size_gb} {seed}");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(spec.as_str()) {
         return dir_size(dir);
     }
@@ -74,7 +87,7 @@ fn generate(dir: &Path, size_gb: f64) -> Result<u64> {
     }
     let total = (size_gb * 1e9) as u64;
     let small_budget = total * 35 / 100;
-    let mut r = rand::rngs::StdRng::seed_from_u64(42);
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
     let mut written = 0u64;
     let mut i = 0u64;
     while written < small_budget {
@@ -88,7 +101,7 @@ fn generate(dir: &Path, size_gb: f64) -> Result<u64> {
             (i / 50) % 20
         ));
         std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join(format!("file{i}.txt")), text(&mut r, len))?;
+        std::fs::write(d.join(format!("file{seed}-{i}.txt")), text(&mut r, len))?;
         written += len as u64;
         i += 1;
     }
@@ -542,6 +555,27 @@ fn main() -> Result<()> {
         c8 <= r8,
     );
 
+    let growth = if a.growth > 1 {
+        let g = growth(&bin, &work, &data, a.size_gb, a.growth)?;
+        let (c1x, c4x) = (
+            g.cairn_kb[0] as f64 / 1024.0,
+            *g.cairn_kb.last().unwrap() as f64 / 1024.0,
+        );
+        let r4x = *g.restic_kb.last().unwrap() as f64 / 1024.0;
+        row(
+            &format!(
+                "client peak memory, repository at {}x the data, MiB",
+                a.growth
+            ),
+            c4x,
+            r4x,
+            "<= restic, within 10% of 1x",
+            c4x <= r4x && c4x <= 1.1 * c1x,
+        );
+        Some(g)
+    } else {
+        None
+    };
     let mut md = format!(
         "# Cairn vs restic\n\n{} on {:.2} GB ({} runs each, alternating; medians). Cairn: local dev cluster, 3 storage nodes, R=3, on this machine ({} cores).\n\n| measure | Cairn | restic | Cairn/restic | target | met |\n|---|---|---|---|---|---|\n",
         restic_version, gb, a.runs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
@@ -557,17 +591,92 @@ fn main() -> Result<()> {
             if r.met { "yes" } else { "NO" }
         );
     }
-    md += "\nNot measured yet: client memory at 4x the data (flatness).\n";
+    if let Some(g) = &growth {
+        md += &format!(
+            "\nMemory as the repository grows: {n} backups of {gb:.2} GB of new data each into one repository (Cairn: one dev cluster; restic: one repository); client peak memory, MiB:\n\n| backup into a repository of | Cairn | restic |\n|---|---|---|\n",
+            n = g.cairn_kb.len()
+        );
+        for (i, (c, r)) in g.cairn_kb.iter().zip(&g.restic_kb).enumerate() {
+            md += &format!(
+                "| {}x the data | {:.1} | {:.1} |\n",
+                i + 1,
+                *c as f64 / 1024.0,
+                *r as f64 / 1024.0
+            );
+        }
+    } else {
+        md += "\nMemory at 1x and 4x the data: not measured in this run (--growth 0).\n";
+    }
     println!("{md}");
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("results.md"), &md)?;
-    let json = serde_json::json!({"restic": restic_version, "dataset_bytes": size, "runs": a.runs, "rows": rows, "cairn_runs": cairn, "restic_runs": restic});
+    let json = serde_json::json!({"restic": restic_version, "dataset_bytes": size, "runs": a.runs, "rows": rows, "cairn_runs": cairn, "restic_runs": restic, "growth": growth});
     std::fs::write(
         a.out.join("results.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
     eprintln!("wrote {}/results.md and results.json", a.out.display());
     Ok(())
+}
+
+/// Peak client memory of successive backups of new data into one growing repository.
+#[derive(Serialize)]
+struct Growth {
+    cairn_kb: Vec<u64>,
+    restic_kb: Vec<u64>,
+}
+
+fn growth(bin: &Path, work: &Path, data: &Path, size_gb: f64, steps: u32) -> Result<Growth> {
+    let dir = work.join("growth-cluster");
+    let repo = work.join("growth-restic");
+    let cache = work.join("growth-restic-cache");
+    for d in [&dir, &repo, &cache] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let cluster = DevCluster::start(bin, &dir)?;
+    let restic = || {
+        let mut c = Command::new("restic");
+        c.env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", PASSWORD)
+            .env("RESTIC_CACHE_DIR", &cache)
+            .arg("--quiet");
+        c
+    };
+    let out = restic().arg("init").output()?;
+    if !out.status.success() {
+        bail!("restic init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut g = Growth {
+        cairn_kb: Vec::new(),
+        restic_kb: Vec::new(),
+    };
+    for step in 0..steps {
+        generate_seeded(data, size_gb, 1000 + u64::from(step))?;
+        let c = timed(
+            Command::new(bin.join("cairn"))
+                .env("CAIRN_CONFIG", &cluster.config)
+                .arg("--quiet")
+                .arg("backup")
+                .arg(data),
+        )?;
+        let r = timed(restic().arg("backup").arg(data))?;
+        eprintln!(
+            "growth step {}: cairn {} KiB, restic {} KiB",
+            step + 1,
+            c.peak_rss_kb,
+            r.peak_rss_kb
+        );
+        g.cairn_kb.push(c.peak_rss_kb);
+        g.restic_kb.push(r.peak_rss_kb);
+    }
+    cluster.stop();
+    for d in [&dir, &repo, &cache] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    // Leave the standard dataset behind for the next invocation.
+    generate_fresh(data, size_gb)?;
+    Ok(g)
 }
 
 fn generate_fresh(data: &Path, size_gb: f64) -> Result<()> {

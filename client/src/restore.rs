@@ -237,18 +237,28 @@ async fn restore_file(
     ctx: &FileCtx,
 ) -> Result<FileDone> {
     let (verify, euid_root, progress) = (ctx.verify, ctx.euid_root, &ctx.progress);
-    let dir = path.parent().expect("restored files live in a directory");
-    let tmp = dir.join(format!(
-        ".cairn-restore-{}",
-        hex::encode(rand::random::<[u8; 8]>())
-    ));
+    // A file that is not there yet is written in place (one directory operation per file, as
+    // cp does) and removed again if its restore fails; an existing one is replaced atomically:
+    // written beside it under a temporary name, then renamed over it.
+    let fresh = std::fs::symlink_metadata(path).is_err();
+    let tmp = if fresh {
+        path.to_path_buf()
+    } else {
+        let dir = path.parent().expect("restored files live in a directory");
+        dir.join(format!(
+            ".cairn-restore-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        ))
+    };
     let result = write_file(repo, content, &tmp, node.size, progress, &ctx.budget).await;
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     let skipped = set_meta(node, &tmp, false, euid_root)?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if !fresh {
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+    }
     if verify {
         verify_file(repo, content, path)?;
     }
@@ -268,7 +278,11 @@ async fn write_file(
     progress: &Progress,
     budget: &Arc<Semaphore>,
 ) -> Result<()> {
-    let mut f = std::fs::File::create(tmp).map_err(io(tmp))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(io(tmp))?;
     let mut chunks = futures::stream::iter(content.iter().copied())
         .map(|c| async move {
             let kib = (c.len as usize).div_ceil(1024).clamp(1, INFLIGHT_KIB) as u32;
@@ -294,7 +308,10 @@ async fn write_file(
         write_sparse(&mut f, &data).map_err(io(tmp))?;
         progress.bytes(data.len() as u64);
     }
-    f.set_len(size).map_err(io(tmp))?;
+    // A trailing hole was seeked over, not written: the length comes from here.
+    if f.metadata().map_err(io(tmp))?.len() != size {
+        f.set_len(size).map_err(io(tmp))?;
+    }
     Ok(())
 }
 

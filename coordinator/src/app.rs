@@ -181,7 +181,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (tx, rx) = watch::channel(false);
     let mut srx = rx.clone();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        cairn_proto::transport::server()
             .add_service(
                 CoordinatorServer::new(CoordinatorService::new(node.clone()))
                     .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),

@@ -11,6 +11,23 @@ use tonic::Status;
 
 use crate::chunk::chunk_store_client::ChunkStoreClient;
 
+/// HTTP/2 stream window: chunk streams carry megabytes per message, so a sender should not have
+/// to wait for a window update every megabyte (hyper's default) on a fast link.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 connection window (all streams of one connection together).
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Largest HTTP/2 frame a Cairn server accepts. The protocol's default, 16 KiB, cuts every
+/// uploaded megabyte into 64 frames, each parsed and scheduled on its own.
+pub const MAX_FRAME: u32 = 1 << 20;
+
+/// A tonic server with Cairn's HTTP/2 settings.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+}
+
 /// A lazily-connecting endpoint from `host:port` or a URL, with Cairn's timeouts.
 pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
     let url = if addr.contains("://") {
@@ -24,6 +41,8 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, Status> {
         // No call of the public services legitimately takes this long; a stalled peer does.
         .timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5)))
 }

@@ -187,7 +187,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE);
     let incoming = cairn_proto::transport::incoming(listener);
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        cairn_proto::transport::server()
             .concurrency_limit_per_connection(64)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {

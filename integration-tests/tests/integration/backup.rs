@@ -39,6 +39,30 @@ async fn round_trip_is_byte_identical_with_metadata() {
     assert_eq!(r["files"], r["verified"]);
     let out = restored(&target, &src);
     compare_trees(&src, &out).unwrap();
+    // Restoring over an existing tree replaces each file (through a temporary name and an
+    // atomic rename) and leaves no temporary file behind.
+    std::fs::write(out.join("docs/readme.txt"), b"changed since the backup").unwrap();
+    c.cli_json(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    compare_trees(&src, &out).unwrap();
+    fn temporaries(d: &Path) -> usize {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    temporaries(&e.path())
+                } else {
+                    usize::from(
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(".cairn-restore-"),
+                    )
+                }
+            })
+            .sum()
+    }
+    assert_eq!(temporaries(&target), 0);
     // The sparse file stays sparse.
     assert!(
         allocated(&out.join("sparse.img")) < 2 << 20,
