@@ -350,6 +350,9 @@ impl Job<'_> {
         root_dev: u64,
     ) -> Result<ChunkId> {
         let mut tree = Tree::default();
+        // With the whole directory selected, its entries are kept: their metadata comes from
+        // `fstatat` on the open directory instead of a walk of the full path for every file.
+        let mut entries: HashMap<OsString, std::fs::DirEntry> = HashMap::new();
         let names: Vec<OsString> = match sel {
             Sel::Partial(children) => children.keys().cloned().collect(),
             Sel::Whole => {
@@ -363,7 +366,10 @@ impl Job<'_> {
                 let mut v = Vec::new();
                 for e in rd {
                     match e {
-                        Ok(e) => v.push(e.file_name()),
+                        Ok(e) => {
+                            v.push(e.file_name());
+                            entries.insert(e.file_name(), e);
+                        }
                         Err(e) => self.warn(format!("{}: {e}", path.display())),
                     }
                 }
@@ -382,7 +388,10 @@ impl Job<'_> {
             if matches!(child_sel, Sel::Whole) && self.excluded(&child) {
                 continue;
             }
-            let meta = match std::fs::symlink_metadata(&child) {
+            let meta = match entries
+                .remove(&name)
+                .map_or_else(|| std::fs::symlink_metadata(&child), |e| e.metadata())
+            {
                 Ok(m) => m,
                 Err(e) => {
                     self.warn(format!("{}: {e}", child.display()));
