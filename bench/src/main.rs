@@ -365,23 +365,38 @@ fn cairn_run(bin: &Path, work: &Path, data: &Path, round: u64) -> Result<Run> {
     Ok(r)
 }
 
-fn restic_run(work: &Path, data: &Path, round: u64) -> Result<Run> {
-    let repo = work.join("restic-repo");
-    let _ = std::fs::remove_dir_all(&repo);
-    let cache = work.join("restic-cache");
-    let _ = std::fs::remove_dir_all(&cache);
-    let cmd = || {
+/// A fresh restic repository (any old one at the same place is removed first).
+struct Restic {
+    repo: PathBuf,
+    cache: PathBuf,
+}
+
+impl Restic {
+    fn init(repo: PathBuf, cache: PathBuf) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(&repo);
+        let _ = std::fs::remove_dir_all(&cache);
+        let r = Self { repo, cache };
+        let out = r.cmd().arg("init").output()?;
+        if !out.status.success() {
+            bail!("restic init: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(r)
+    }
+
+    fn cmd(&self) -> Command {
         let mut c = Command::new("restic");
-        c.env("RESTIC_REPOSITORY", &repo)
+        c.env("RESTIC_REPOSITORY", &self.repo)
             .env("RESTIC_PASSWORD", PASSWORD)
-            .env("RESTIC_CACHE_DIR", &cache)
+            .env("RESTIC_CACHE_DIR", &self.cache)
             .arg("--quiet");
         c
-    };
-    let out = cmd().arg("init").output()?;
-    if !out.status.success() {
-        bail!("restic init: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+fn restic_run(work: &Path, data: &Path, round: u64) -> Result<Run> {
+    let restic = Restic::init(work.join("restic-repo"), work.join("restic-cache"))?;
+    let cmd = || restic.cmd();
+    let repo = &restic.repo;
     let mut r = Run::default();
     r.first_backup = timed(cmd().arg("backup").arg(data))?;
     r.first_backup_total_cpu_s = r.first_backup.cpu_s;
@@ -393,7 +408,7 @@ fn restic_run(work: &Path, data: &Path, round: u64) -> Result<Run> {
     r.restore = timed(cmd().args(["restore", "latest", "--target"]).arg(&target))?;
     let _ = std::fs::remove_dir_all(&target);
     r.check_read_data = timed(cmd().args(["check", "--read-data"]))?;
-    r.repo_bytes = dir_size(&repo)?;
+    r.repo_bytes = dir_size(repo)?;
     Ok(r)
 }
 
@@ -628,25 +643,11 @@ struct Growth {
 
 fn growth(bin: &Path, work: &Path, data: &Path, size_gb: f64, steps: u32) -> Result<Growth> {
     let dir = work.join("growth-cluster");
-    let repo = work.join("growth-restic");
-    let cache = work.join("growth-restic-cache");
-    for d in [&dir, &repo, &cache] {
-        let _ = std::fs::remove_dir_all(d);
-    }
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let cluster = DevCluster::start(bin, &dir)?;
-    let restic = || {
-        let mut c = Command::new("restic");
-        c.env("RESTIC_REPOSITORY", &repo)
-            .env("RESTIC_PASSWORD", PASSWORD)
-            .env("RESTIC_CACHE_DIR", &cache)
-            .arg("--quiet");
-        c
-    };
-    let out = restic().arg("init").output()?;
-    if !out.status.success() {
-        bail!("restic init: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let repo = Restic::init(work.join("growth-restic"), work.join("growth-restic-cache"))?;
+    let restic = || repo.cmd();
     let mut g = Growth {
         cairn_kb: Vec::new(),
         restic_kb: Vec::new(),
@@ -671,7 +672,7 @@ fn growth(bin: &Path, work: &Path, data: &Path, size_gb: f64, steps: u32) -> Res
         g.restic_kb.push(r.peak_rss_kb);
     }
     cluster.stop();
-    for d in [&dir, &repo, &cache] {
+    for d in [&dir, &repo.repo, &repo.cache] {
         let _ = std::fs::remove_dir_all(d);
     }
     // Leave the standard dataset behind for the next invocation.

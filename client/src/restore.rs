@@ -239,18 +239,21 @@ async fn restore_file(
     let (verify, euid_root, progress) = (ctx.verify, ctx.euid_root, &ctx.progress);
     // A file that is not there yet is written in place (one directory operation per file, as
     // cp does) and removed again if its restore fails; an existing one is replaced atomically:
-    // written beside it under a temporary name, then renamed over it.
-    let fresh = std::fs::symlink_metadata(path).is_err();
-    let tmp = if fresh {
-        path.to_path_buf()
-    } else {
-        let dir = path.parent().expect("restored files live in a directory");
-        dir.join(format!(
-            ".cairn-restore-{}",
-            hex::encode(rand::random::<[u8; 8]>())
-        ))
+    // written beside it under a temporary name, then renamed over it. Creation is exclusive,
+    // so an entry already at either name (a symlink included) is never followed.
+    let (file, tmp, fresh) = match create_new(path) {
+        Ok(f) => (f, path.to_path_buf(), true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let dir = path.parent().expect("restored files live in a directory");
+            let tmp = dir.join(format!(
+                ".cairn-restore-{}",
+                hex::encode(rand::random::<[u8; 8]>())
+            ));
+            (create_new(&tmp).map_err(io(&tmp))?, tmp, false)
+        }
+        Err(e) => return Err(io(path)(e)),
     };
-    let result = write_file(repo, content, &tmp, node.size, progress, &ctx.budget).await;
+    let result = write_file(repo, content, file, &tmp, node.size, progress, &ctx.budget).await;
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -270,19 +273,22 @@ async fn restore_file(
     })
 }
 
+fn create_new(p: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(p)
+}
+
 async fn write_file(
     repo: &Repository,
     content: &[ChunkRef],
+    mut f: std::fs::File,
     tmp: &Path,
     size: u64,
     progress: &Progress,
     budget: &Arc<Semaphore>,
 ) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(io(tmp))?;
     let mut chunks = futures::stream::iter(content.iter().copied())
         .map(|c| async move {
             let kib = (c.len as usize).div_ceil(1024).clamp(1, INFLIGHT_KIB) as u32;
