@@ -1,7 +1,8 @@
 //! Backup: walk → read → FastCDC → keyed BLAKE3 id → batched has-chunks → zstd + AES-GCM →
 //! upload, then commit the snapshot.
 //!
-//! The walk is sequential; each changed file is read and cut on a blocking thread that feeds a
+//! The walk is sequential, but each directory's listing and metadata are read on blocking
+//! threads a few subdirectories ahead of it; each changed file is read and cut on a blocking thread that feeds a
 //! bounded channel; chunks gather into batches that are checked, sealed and uploaded by at most
 //! [`MAX_BATCHES`] concurrent tasks. Memory is bounded by those queues (about
 //! `(MAX_BATCHES + 2) × BATCH_BYTES`), not by the size of the repository. Files unchanged since
@@ -22,7 +23,6 @@ use cairn_proto::metadata::{
     BeginSnapshotRequest, CommitSnapshotRequest, SnapshotRecord, SnapshotStats,
 };
 use cairn_proto::ChunkId;
-use futures::StreamExt;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
@@ -38,8 +38,14 @@ use crate::tree::{ChunkRef, Kind, Node, Tree};
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Most chunks in one batch.
 const BATCH_CHUNKS: usize = 128;
-/// Parent trees fetched at once.
-const PREFETCH_PARALLEL: usize = 16;
+/// Parent trees fetched in one request per node.
+const PREFETCH_BATCH: usize = 256;
+/// Subdirectories of a directory listed ahead of the walk, on blocking threads.
+const LIST_AHEAD: usize = 4;
+/// Files up to this size are read whole on a blocking thread while the walk goes on.
+const SMALL_FILE: u64 = 1024 * 1024;
+/// Small files of a directory being read at once.
+const READ_AHEAD: usize = 8;
 /// Most batches in flight.
 pub const MAX_BATCHES: usize = 3;
 /// The in-session dedup set is cleared beyond this many ids (bounded memory).
@@ -266,9 +272,71 @@ async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Vec<u8>)>) -> Resul
 }
 
 /// An entry's counterpart in the parent snapshot, with its subtree when it is a directory.
+/// A directory's nodes while it is walked; `None` for a file that turned out unreadable.
+#[derive(Default)]
+struct Building {
+    nodes: Vec<Option<Node>>,
+}
+
 struct Prev {
     node: Option<Node>,
-    tree: Option<Tree>,
+    tree: Option<(ChunkId, Tree)>,
+    /// This directory's listing, started ahead of the walk.
+    listing: Option<tokio::task::JoinHandle<Listing>>,
+}
+
+/// A directory's entries sorted by name, each with its metadata (`fstatat` on the open
+/// directory), and the errors met while reading it; `Err` when it cannot be opened.
+type Listing = std::io::Result<(
+    Vec<(OsString, std::io::Result<std::fs::Metadata>)>,
+    Vec<String>,
+)>;
+
+fn list_dir(path: &Path) -> Listing {
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    for e in std::fs::read_dir(path)? {
+        match e {
+            Ok(e) => entries.push((e.file_name(), e.metadata())),
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok((entries, errors))
+}
+
+/// What [`Job::entry`] found: a finished node, or a file node whose content is still being read.
+enum Entry {
+    Done(Node),
+    Reading(Node, PendingRead),
+}
+
+/// A small file being read and cut on a blocking thread.
+struct PendingRead {
+    task: tokio::task::JoinHandle<Result<SmallFile>>,
+    /// Whether the parent snapshot had this file (changed, not new).
+    changed: bool,
+}
+
+/// A small file's chunks, and a warning if it changed while it was read.
+struct SmallFile {
+    chunks: Vec<(ChunkId, Vec<u8>)>,
+    warning: Option<String>,
+}
+
+/// A warning if `path` no longer matches what was read of it.
+fn changed_while_read(path: &Path, before: &std::fs::Metadata, read: u64) -> Option<String> {
+    let after = std::fs::symlink_metadata(path).ok()?;
+    (after.len() != before.len()
+        || after.mtime() != before.mtime()
+        || after.mtime_nsec() != before.mtime_nsec()
+        || read != after.len())
+    .then(|| format!("{}: file changed while it was read", path.display()))
+}
+
+/// Lists a directory on a blocking thread.
+fn start_listing(path: PathBuf) -> tokio::task::JoinHandle<Listing> {
+    tokio::task::spawn_blocking(move || list_dir(&path))
 }
 
 /// The selection of what to back up below one directory.
@@ -334,52 +402,73 @@ impl Job<'_> {
                 _ => None,
             })
             .collect();
-        futures::stream::iter(ids)
-            .map(|id| async move { (id, self.repo.tree(id).await) })
-            .buffer_unordered(PREFETCH_PARALLEL)
-            .filter_map(|(id, t)| async move { t.ok().map(|t| (id, t)) })
-            .collect()
-            .await
+        let mut out = HashMap::with_capacity(ids.len());
+        for batch in ids.chunks(PREFETCH_BATCH) {
+            let trees = self.repo.trees(batch).await;
+            for (id, t) in batch.iter().zip(trees) {
+                if let Ok(t) = t {
+                    out.insert(*id, t);
+                }
+            }
+        }
+        out
     }
 
     async fn dir(
         &mut self,
         path: &Path,
         sel: &Sel,
-        parent: Option<Tree>,
+        parent: Option<(ChunkId, Tree)>,
+        listing: Option<tokio::task::JoinHandle<Listing>>,
         root_dev: u64,
     ) -> Result<ChunkId> {
-        let mut tree = Tree::default();
-        // With the whole directory selected, its entries are kept: their metadata comes from
-        // `fstatat` on the open directory instead of a walk of the full path for every file.
-        let mut entries: HashMap<OsString, std::fs::DirEntry> = HashMap::new();
-        let names: Vec<OsString> = match sel {
-            Sel::Partial(children) => children.keys().cloned().collect(),
+        let (parent_id, parent) = parent.unzip();
+        let mut tree = Building::default();
+        let mut reads = std::collections::VecDeque::new();
+        // With the whole directory selected, its entries and their metadata come from a listing
+        // made on a blocking thread (`fstatat` on the open directory), usually started while
+        // the walk was still in an earlier sibling.
+        let entries: Vec<(OsString, Option<std::io::Result<std::fs::Metadata>>)> = match sel {
+            Sel::Partial(children) => children.keys().map(|n| (n.clone(), None)).collect(),
             Sel::Whole => {
-                let rd = match std::fs::read_dir(path) {
-                    Ok(rd) => rd,
+                let listing = listing.unwrap_or_else(|| start_listing(path.to_path_buf()));
+                let listed = listing
+                    .await
+                    .map_err(|e| Error::Invalid(format!("listing task failed: {e}")))?;
+                match listed {
+                    Ok((entries, errors)) => {
+                        for e in errors {
+                            self.warn(e);
+                        }
+                        entries.into_iter().map(|(n, m)| (n, Some(m))).collect()
+                    }
                     Err(e) => {
                         self.warn(format!("{}: {e}", path.display()));
-                        return self.store_tree(&mut tree).await;
-                    }
-                };
-                let mut v = Vec::new();
-                for e in rd {
-                    match e {
-                        Ok(e) => {
-                            v.push(e.file_name());
-                            entries.insert(e.file_name(), e);
-                        }
-                        Err(e) => self.warn(format!("{}: {e}", path.display())),
+                        return self.store_tree(&mut Tree::default(), None).await;
                     }
                 }
-                v.sort();
-                v
             }
         };
+        let names: Vec<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
         // Fetch the parent's subtrees of this directory's children concurrently.
-        let prefetched = self.prefetch(parent.as_ref(), &names).await;
-        for name in names {
+        let mut prefetched = self.prefetch(parent.as_ref(), &names).await;
+        // Subdirectories the walk will enter, listed a few ahead of it.
+        let mut subdirs = entries
+            .iter()
+            .filter(|(n, m)| match m {
+                Some(Ok(m)) => {
+                    m.is_dir()
+                        && !(self.opts.one_file_system && m.dev() != root_dev)
+                        && !self.excluded(&path.join(n))
+                }
+                _ => false,
+            })
+            .map(|(n, _)| n.clone())
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut ahead: std::collections::VecDeque<(OsString, tokio::task::JoinHandle<Listing>)> =
+            std::collections::VecDeque::new();
+        for (name, meta) in entries {
             let child = path.join(&name);
             let child_sel = match sel {
                 Sel::Partial(c) => &c[&name],
@@ -388,25 +477,41 @@ impl Job<'_> {
             if matches!(child_sel, Sel::Whole) && self.excluded(&child) {
                 continue;
             }
-            let meta = match entries
-                .remove(&name)
-                .map_or_else(|| std::fs::symlink_metadata(&child), |e| e.metadata())
-            {
+            let meta = match meta.unwrap_or_else(|| std::fs::symlink_metadata(&child)) {
                 Ok(m) => m,
                 Err(e) => {
                     self.warn(format!("{}: {e}", child.display()));
                     continue;
                 }
             };
+            let mut listing = None;
+            if matches!(sel, Sel::Whole) && meta.is_dir() {
+                while ahead.len() < LIST_AHEAD {
+                    let Some(n) = subdirs.next() else { break };
+                    let h = start_listing(path.join(&n));
+                    ahead.push_back((n, h));
+                }
+                if ahead.front().is_some_and(|(n, _)| *n == name) {
+                    listing = ahead.pop_front().map(|(_, h)| h);
+                }
+            }
             let pnode = parent
                 .as_ref()
                 .and_then(|t| t.get(name.as_bytes()))
                 .cloned();
             let ptree = match pnode.as_ref().map(|p| &p.kind) {
-                Some(Kind::Dir { subtree }) => prefetched.get(subtree).cloned(),
+                // A subtree that occurs twice in the parent is fetched again the second time.
+                Some(Kind::Dir { subtree }) => match prefetched.remove(subtree) {
+                    Some(t) => Some((*subtree, t)),
+                    None => self.repo.tree(*subtree).await.ok().map(|t| (*subtree, t)),
+                },
                 _ => None,
             };
-            if let Some(node) = self
+            if meta.is_dir() {
+                // Finish this directory's reads before the walk goes deeper (bounded memory).
+                self.finish_reads(&mut tree, &mut reads).await?;
+            }
+            match self
                 .entry(
                     &child,
                     name.as_bytes(),
@@ -415,16 +520,85 @@ impl Job<'_> {
                     Prev {
                         node: pnode,
                         tree: ptree,
+                        listing,
                     },
                     root_dev,
                 )
                 .await?
             {
-                tree.nodes.push(node);
+                Some(Entry::Done(node)) => tree.nodes.push(Some(node)),
+                Some(Entry::Reading(node, read)) => {
+                    tree.nodes.push(Some(node));
+                    reads.push_back((tree.nodes.len() - 1, read));
+                    if reads.len() > READ_AHEAD {
+                        let (at, read) = reads.pop_front().expect("not empty");
+                        self.finish_read(&mut tree.nodes[at], read).await?;
+                    }
+                }
+                None => {}
             }
         }
+        self.finish_reads(&mut tree, &mut reads).await?;
         self.counters.dirs += 1;
-        self.store_tree(&mut tree).await
+        let mut tree = Tree {
+            nodes: tree.nodes.into_iter().flatten().collect(),
+        };
+        self.store_tree(&mut tree, parent_id).await
+    }
+
+    /// Waits for every small file of a directory still being read.
+    async fn finish_reads(
+        &mut self,
+        tree: &mut Building,
+        reads: &mut std::collections::VecDeque<(usize, PendingRead)>,
+    ) -> Result<()> {
+        while let Some((at, read)) = reads.pop_front() {
+            self.finish_read(&mut tree.nodes[at], read).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes a small file's chunks into the upload and its chunk list into its node; a file
+    /// that could not be read is warned about and left out.
+    async fn finish_read(&mut self, node: &mut Option<Node>, read: PendingRead) -> Result<()> {
+        let done = read
+            .task
+            .await
+            .map_err(|e| Error::Invalid(format!("reader task failed: {e}")))?;
+        let file = match done {
+            Ok(f) => f,
+            Err(Error::Io { path, source }) => {
+                self.warn(format!("{path}: {source}"));
+                *node = None;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut content = Vec::with_capacity(file.chunks.len());
+        let mut bytes = 0u64;
+        for (id, data) in file.chunks {
+            bytes += data.len() as u64;
+            self.progress.bytes(data.len() as u64);
+            content.push(ChunkRef {
+                id,
+                len: data.len() as u32,
+            });
+            self.uploader.add(id, data).await?;
+        }
+        if let Some(n) = node.as_mut() {
+            n.kind = Kind::File { content };
+        }
+        self.counters.bytes_read += bytes;
+        if read.changed {
+            self.counters.files_changed += 1;
+        } else {
+            self.counters.files_new += 1;
+        }
+        self.progress.file_done(0, true);
+        if let Some(w) = file.warning {
+            self.warn(w);
+        }
+        Ok(())
     }
 
     async fn entry(
@@ -435,28 +609,33 @@ impl Job<'_> {
         sel: &Sel,
         prev: Prev,
         root_dev: u64,
-    ) -> Result<Option<Node>> {
+    ) -> Result<Option<Entry>> {
         let Prev {
             node: parent,
             tree: ptree,
+            listing,
         } = prev;
         let ft = meta.file_type();
         if ft.is_dir() {
             if self.opts.one_file_system && meta.dev() != root_dev && matches!(sel, Sel::Whole) {
                 return Ok(None);
             }
-            let subtree = Box::pin(self.dir(path, sel, ptree, root_dev)).await?;
-            return Ok(Some(node_from_meta(name, meta, Kind::Dir { subtree })));
+            let subtree = Box::pin(self.dir(path, sel, ptree, listing, root_dev)).await?;
+            return Ok(Some(Entry::Done(node_from_meta(
+                name,
+                meta,
+                Kind::Dir { subtree },
+            ))));
         }
         if ft.is_symlink() {
             return match std::fs::read_link(path) {
-                Ok(t) => Ok(Some(node_from_meta(
+                Ok(t) => Ok(Some(Entry::Done(node_from_meta(
                     name,
                     meta,
                     Kind::Symlink {
                         target: t.as_os_str().as_bytes().to_vec(),
                     },
-                ))),
+                )))),
                 Err(e) => {
                     self.warn(format!("{}: {e}", path.display()));
                     Ok(None)
@@ -475,33 +654,36 @@ impl Job<'_> {
             },
         );
         self.counters.bytes_total += meta.len();
+        let changed = parent.is_some();
         if self.use_parent {
-            if let Some(p) = &parent {
-                if let Kind::File { content } = &p.kind {
-                    if p.size == node.size
-                        && p.mtime_ns == node.mtime_ns
-                        && p.ctime_ns == node.ctime_ns
-                        && p.inode == node.inode
-                    {
-                        node.kind = Kind::File {
-                            content: content.clone(),
-                        };
+            if let Some(p) = parent {
+                if p.size == node.size
+                    && p.mtime_ns == node.mtime_ns
+                    && p.ctime_ns == node.ctime_ns
+                    && p.inode == node.inode
+                {
+                    if let Kind::File { content } = p.kind {
+                        node.kind = Kind::File { content };
                         self.counters.files_unmodified += 1;
                         self.progress.file_done(meta.len(), false);
-                        return Ok(Some(node));
+                        return Ok(Some(Entry::Done(node)));
                     }
                 }
             }
         }
+        if meta.len() <= SMALL_FILE {
+            let task = self.read_small(path.to_path_buf(), meta.clone());
+            return Ok(Some(Entry::Reading(node, PendingRead { task, changed })));
+        }
         match self.read_file(path, meta).await {
             Ok(content) => {
                 node.kind = Kind::File { content };
-                if parent.is_some() {
+                if changed {
                     self.counters.files_changed += 1;
                 } else {
                     self.counters.files_new += 1;
                 }
-                Ok(Some(node))
+                Ok(Some(Entry::Done(node)))
             }
             Err(Error::Io { path, source }) => {
                 self.warn(format!("{path}: {source}"));
@@ -509,6 +691,27 @@ impl Job<'_> {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Reads and cuts a small file whole on a blocking thread.
+    fn read_small(
+        &self,
+        path: PathBuf,
+        before: std::fs::Metadata,
+    ) -> tokio::task::JoinHandle<Result<SmallFile>> {
+        let keys = self.repo.keys.clone();
+        let c = self.opts.chunker;
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let mut chunks = Vec::new();
+            let read = crate::chunker::chunk_stream(file, before.len(), c, |data| {
+                chunks.push((keys.chunk_id(data), data.to_vec()));
+                true
+            })
+            .map_err(|e| Error::io(&path, e))?;
+            let warning = changed_while_read(&path, &before, read);
+            Ok(SmallFile { chunks, warning })
+        })
     }
 
     async fn read_file(
@@ -547,27 +750,23 @@ impl Job<'_> {
             .map_err(|e| Error::Invalid(format!("reader task failed: {e}")))?;
         self.counters.bytes_read += read;
         self.progress.file_done(0, true);
-        if let Ok(after) = std::fs::symlink_metadata(path) {
-            if after.len() != before.len()
-                || after.mtime() != before.mtime()
-                || after.mtime_nsec() != before.mtime_nsec()
-                || read != after.len()
-            {
-                self.warn(format!(
-                    "{}: file changed while it was read",
-                    path.display()
-                ));
-            }
+        if let Some(w) = changed_while_read(path, before, read) {
+            self.warn(w);
         }
         Ok(content)
     }
 
-    async fn store_tree(&mut self, tree: &mut Tree) -> Result<ChunkId> {
+    /// Encodes and uploads a directory's tree, unless it is the parent snapshot's tree of the
+    /// same directory unchanged (stored already, like the chunks of unchanged files).
+    async fn store_tree(&mut self, tree: &mut Tree, parent: Option<ChunkId>) -> Result<ChunkId> {
         let bytes = tree.encode();
         if bytes.len() > crate::cluster::MAX_CHUNK {
             return Err(Error::Invalid("a directory listing exceeds 16 MiB".into()));
         }
         let id = self.repo.keys.chunk_id(&bytes);
+        if parent == Some(id) {
+            return Ok(id);
+        }
         self.uploader.add(id, bytes).await?;
         Ok(id)
     }
@@ -663,7 +862,10 @@ impl Repository {
             .await?;
 
         let parent_tree = match &parent {
-            Some(p) => Some(self.tree(Self::root_of(p)?).await?),
+            Some(p) => {
+                let id = Self::root_of(p)?;
+                Some((id, self.tree(id).await?))
+            }
             None => None,
         };
         let sel = build_selection(&abs)?;
@@ -678,7 +880,9 @@ impl Repository {
             progress,
             use_parent: parent.is_some(),
         };
-        let root = job.dir(Path::new("/"), &sel, parent_tree, root_dev).await?;
+        let root = job
+            .dir(Path::new("/"), &sel, parent_tree, None, root_dev)
+            .await?;
         // Commit only after every chunk is acknowledged.
         let up = job.uploader.finish().await?;
         let c = job.counters;

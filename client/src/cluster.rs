@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
-use cairn_proto::chunk::{GetChunksRequest, HasChunksRequest, PutChunkRequest, ReportBadRequest};
+use cairn_proto::chunk::{
+    GetChunkReply, GetChunksRequest, HasChunksRequest, PutChunkRequest, ReportBadRequest,
+};
 use cairn_proto::coord_client::CoordClient;
 use cairn_proto::metadata::GetLayoutRequest;
 use cairn_proto::transport::NodeChannels;
@@ -335,18 +337,7 @@ impl Cluster {
                         return Ok(p);
                     }
                     Err(e) => {
-                        let integrity = matches!(e, Error::Integrity(_))
-                            || matches!(&e, Error::Rpc(s) if s.code() == Code::DataLoss);
-                        let missing = matches!(&e, Error::Rpc(s) if s.code() == Code::NotFound);
-                        if integrity {
-                            warn!(chunk = %id, node, error = %e, "bad copy; trying another replica");
-                            self.bad.lock().expect("bad lock").push(BadCopy {
-                                chunk: id.to_hex(),
-                                node,
-                                error: e.to_string(),
-                            });
-                        }
-                        if owner && (integrity || missing) && !to_report.contains(&addr) {
+                        if self.note_failure(id, node, &e) && owner && !to_report.contains(&addr) {
                             to_report.push(addr.clone());
                         }
                         detail.push(format!("node {node}: {e}"));
@@ -360,51 +351,65 @@ impl Cluster {
         })
     }
 
-    /// Fetches, verifies and opens many chunks: one streamed request per replica set for the
-    /// batch, then [`Cluster::get`] (with its replica fallback) for any that did not verify.
+    /// Fetches, verifies and opens many chunks: one streamed request to each node asked (the
+    /// first healthy replica of each chunk), all at once, then [`Cluster::get`] (with its
+    /// replica fallback) for any that did not verify.
     pub async fn get_many(&self, keys: &Keys, ids: &[ChunkId]) -> Vec<Result<Vec<u8>>> {
         let layout = self.layout();
-        let mut groups: BTreeMap<Vec<u64>, Vec<usize>> = BTreeMap::new();
+        let mut groups: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
         for (i, id) in ids.iter().enumerate() {
-            groups
-                .entry(layout.replicas(id.partition()).to_vec())
-                .or_default()
-                .push(i);
+            if let Some(&first) = self.healthy_first(layout.replicas(id.partition())).first() {
+                groups.entry(first).or_default().push(i);
+            }
         }
-        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
-        for (set, idxs) in groups {
-            let Some(&first) = self.healthy_first(&set).first() else {
-                continue;
-            };
-            let Some(addr) = layout.address(first) else {
-                continue;
-            };
-            let Ok(mut c) = self.node(addr) else { continue };
-            let req = GetChunksRequest {
-                ids: idxs
-                    .iter()
-                    .map(|&i| Bytes::copy_from_slice(&ids[i].0))
-                    .collect(),
-            };
-            let Ok(Ok(resp)) = tokio::time::timeout(GET_TIMEOUT, c.get_chunks(req)).await else {
-                self.mark_suspect(first);
-                continue;
-            };
-            let mut stream = resp.into_inner();
-            for &i in &idxs {
-                let Ok(Ok(Some(r))) = tokio::time::timeout(GET_TIMEOUT, stream.message()).await
-                else {
-                    break;
+        let fetches = groups.into_iter().map(|(node, idxs)| {
+            let layout = &layout;
+            async move {
+                let mut got: Vec<(usize, Vec<u8>)> = Vec::new();
+                let Some(addr) = layout.address(node) else {
+                    return got;
                 };
-                if r.error.is_empty()
-                    && r.id.as_ref() == ids[i].0
-                    && cairn_proto::blob_hash(&r.blob) == r.hash.as_ref()
-                {
-                    if let Ok(p) = keys.open(&ids[i], &r.blob, MAX_CHUNK) {
-                        out[i] = Some(Ok(p));
+                let Ok(mut c) = self.node(addr) else {
+                    return got;
+                };
+                let req = GetChunksRequest {
+                    ids: idxs
+                        .iter()
+                        .map(|&i| Bytes::copy_from_slice(&ids[i].0))
+                        .collect(),
+                };
+                let Ok(Ok(resp)) = tokio::time::timeout(GET_TIMEOUT, c.get_chunks(req)).await
+                else {
+                    self.mark_suspect(node);
+                    return got;
+                };
+                let mut stream = resp.into_inner();
+                for &i in &idxs {
+                    let Ok(Ok(Some(r))) = tokio::time::timeout(GET_TIMEOUT, stream.message()).await
+                    else {
+                        break;
+                    };
+                    match open_reply(keys, ids[i], r) {
+                        Ok(p) => got.push((i, p)),
+                        // The node is a replica of the chunk: it is told, and the chunk is
+                        // read again below from the next replica.
+                        Err(e) => {
+                            if self.note_failure(ids[i], node, &e) {
+                                self.report_bad(addr, ids[i]).await;
+                            }
+                        }
                     }
                 }
+                got
             }
+        });
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
+        for (i, p) in futures::future::join_all(fetches)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            out[i] = Some(Ok(p));
         }
         let mut res = Vec::with_capacity(ids.len());
         for (i, o) in out.into_iter().enumerate() {
@@ -414,6 +419,27 @@ impl Cluster {
             });
         }
         res
+    }
+
+    /// Records a failed read of `id` from `node`: a bad copy (integrity) is kept for the
+    /// summary, once. Returns whether the node lacks a good copy (so it should be told).
+    fn note_failure(&self, id: ChunkId, node: u64, e: &Error) -> bool {
+        let integrity = matches!(e, Error::Integrity(_))
+            || matches!(e, Error::Rpc(s) if s.code() == Code::DataLoss);
+        let missing = matches!(e, Error::Rpc(s) if s.code() == Code::NotFound);
+        if integrity {
+            warn!(chunk = %id, node, error = %e, "bad copy; trying another replica");
+            let chunk = id.to_hex();
+            let mut bad = self.bad.lock().expect("bad lock");
+            if !bad.iter().any(|b| b.chunk == chunk && b.node == node) {
+                bad.push(BadCopy {
+                    chunk,
+                    node,
+                    error: e.to_string(),
+                });
+            }
+        }
+        integrity || missing
     }
 
     async fn report_bad(&self, addr: &str, id: ChunkId) {
@@ -437,20 +463,7 @@ impl Cluster {
             .message()
             .await?
             .ok_or_else(|| Error::Rpc(tonic::Status::unavailable("empty reply")))?;
-        if !r.error.is_empty() {
-            let code = if r.error.contains("corrupt") {
-                Code::DataLoss
-            } else {
-                Code::NotFound
-            };
-            return Err(Error::Rpc(tonic::Status::new(code, r.error)));
-        }
-        if cairn_proto::blob_hash(&r.blob) != r.hash.as_ref() {
-            return Err(Error::Integrity(format!(
-                "chunk {id}: blob does not match its hash"
-            )));
-        }
-        keys.open(&id, &r.blob, MAX_CHUNK)
+        open_reply(keys, id, r)
     }
 
     /// Number of replicas holding each id (asks every replica of each partition).
@@ -482,4 +495,27 @@ impl Cluster {
         }
         Ok(out)
     }
+}
+
+/// Checks a node's reply for chunk `id` (its error, the blob against its hash) and opens it.
+fn open_reply(keys: &Keys, id: ChunkId, r: GetChunkReply) -> Result<Vec<u8>> {
+    if r.id.as_ref() != id.0 {
+        return Err(Error::Integrity(format!(
+            "chunk {id}: reply for another chunk"
+        )));
+    }
+    if !r.error.is_empty() {
+        let code = if r.error.contains("corrupt") {
+            Code::DataLoss
+        } else {
+            Code::NotFound
+        };
+        return Err(Error::Rpc(tonic::Status::new(code, r.error)));
+    }
+    if cairn_proto::blob_hash(&r.blob) != r.hash.as_ref() {
+        return Err(Error::Integrity(format!(
+            "chunk {id}: blob does not match its hash"
+        )));
+    }
+    keys.open(&id, &r.blob, MAX_CHUNK)
 }

@@ -175,6 +175,16 @@ impl Repository {
         Tree::decode(&b)
     }
 
+    /// Many trees, fetched together (one request per node asked), in the order of `ids`.
+    pub async fn trees(&self, ids: &[ChunkId]) -> Vec<Result<Tree>> {
+        self.cluster
+            .get_many(&self.keys, ids)
+            .await
+            .into_iter()
+            .map(|b| b.and_then(|b| Tree::decode(&b)))
+            .collect()
+    }
+
     /// Root tree of a snapshot.
     pub fn root_of(s: &SnapshotRecord) -> Result<ChunkId> {
         ChunkId::from_slice(&s.root).map_err(|e| Error::Integrity(format!("snapshot root: {e}")))

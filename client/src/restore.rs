@@ -69,8 +69,8 @@ pub struct RestoreSummary {
 
 /// Files restored at once (many small files are latency-bound).
 const FILES_PARALLEL: usize = 32;
-/// Subtrees fetched at once.
-const TREE_PARALLEL: usize = 16;
+/// Subtrees fetched in one request per node.
+const TREE_BATCH: usize = 256;
 /// Bytes of chunks fetched but not yet written, across all files, in KiB: bounds memory.
 const INFLIGHT_KIB: usize = 64 * 1024;
 
@@ -129,14 +129,12 @@ impl Restorer<'_> {
                 _ => None,
             })
             .collect();
-        let repo = self.repo;
-        let subtrees: HashMap<ChunkId, Tree> = futures::stream::iter(ids)
-            .map(|id| async move { repo.tree(id).await.map(|t| (id, t)) })
-            .buffer_unordered(TREE_PARALLEL)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_>>()?;
+        let mut subtrees: HashMap<ChunkId, Tree> = HashMap::with_capacity(ids.len());
+        for batch in ids.chunks(TREE_BATCH) {
+            for (id, t) in batch.iter().zip(self.repo.trees(batch).await) {
+                subtrees.insert(*id, t?);
+            }
+        }
         for node in &tree.nodes {
             let name = std::ffi::OsStr::from_bytes(&node.name);
             let crel = rel.join(name);

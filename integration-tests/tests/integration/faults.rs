@@ -202,6 +202,12 @@ async fn corrupt_copies_are_detected_and_restore_uses_another_replica() {
     init(&c);
     let src = src_dir(&c, "src");
     big_tree(&src, 2, 4 << 20);
+    // Enough chunks that node 0 is the first replica asked for some of them (each chunk's
+    // first replica is one of three: with about 70 chunks, none on node 0 has odds near 1e-12).
+    // Each is longer than the 4 KiB stride of the bit flips below, so every copy is hit.
+    for i in 0..60 {
+        std::fs::write(src.join(format!("r{i}.bin")), random_bytes(100 + i, 5000)).unwrap();
+    }
     let b = c.cli_json(&["backup", src.to_str().unwrap()]);
     // Flip bits inside every record on node 0 (past each record's header).
     let mut flipped = 0;
