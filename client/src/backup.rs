@@ -2,13 +2,15 @@
 //! upload, then commit the snapshot.
 //!
 //! The walk is sequential, but each directory's listing and metadata are read on blocking
-//! threads a few subdirectories ahead of it; each changed file is read and cut on a blocking thread that feeds a
-//! bounded channel; chunks gather into batches that are checked, sealed and uploaded by at most
+//! threads a few subdirectories ahead of it ([`LIST_AHEAD`]). A changed file up to
+//! [`SMALL_FILE`] is read and cut whole on a blocking thread, [`READ_AHEAD`] per directory at
+//! once while the walk goes on; a larger one is read and cut on a blocking thread that feeds a
+//! bounded channel. Chunks gather into batches that are checked, sealed and uploaded by at most
 //! [`MAX_BATCHES`] concurrent tasks. Memory is bounded by those queues (about
-//! `(MAX_BATCHES + 2) × BATCH_BYTES`), not by the size of the repository. Files unchanged since
-//! the parent snapshot (size, mtime, ctime, inode) reuse the parent's chunk list unread. The
-//! snapshot is begun before the walk (its chunks are protected from GC from then on) and
-//! committed only after every chunk it references is acknowledged.
+//! `(MAX_BATCHES + 2) × BATCH_BYTES + READ_AHEAD × SMALL_FILE`), not by the size of the
+//! repository. Files unchanged since the parent snapshot (size, mtime, ctime, inode) reuse the
+//! parent's chunk list unread. The snapshot is begun before the walk (its chunks are protected
+//! from GC from then on) and committed only after every chunk it references is acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
