@@ -185,6 +185,10 @@ impl Restorer<'_> {
                     while let Some(r) = self.tasks.try_join_next() {
                         self.reap(r)?;
                     }
+                    // Files are created here, one at a time: creating in a directory holds its
+                    // lock while the file system allocates an inode, and tasks creating side by
+                    // side spent their time spinning on it.
+                    let target = Target::create(&cabs)?;
                     let (repo, node, content) = (self.repo.clone(), node.clone(), content.clone());
                     let ctx = FileCtx {
                         verify: self.opts.verify,
@@ -194,7 +198,7 @@ impl Restorer<'_> {
                     };
                     self.tasks.spawn(async move {
                         let _permit = permit;
-                        restore_file(&repo, &node, &content, &cabs, &ctx).await
+                        restore_file(&repo, &node, &content, target, &ctx).await
                     });
                 }
             }
@@ -227,41 +231,84 @@ struct FileCtx {
     budget: Arc<Semaphore>,
 }
 
+/// A file being restored: created exclusively, so an entry already at either name (a symlink
+/// included) is never followed.
+struct Target {
+    file: std::fs::File,
+    /// The final name.
+    path: PathBuf,
+    /// Where it is written: the final name for a new file; for one that exists, a temporary
+    /// name beside it, renamed over it once complete.
+    written: PathBuf,
+}
+
+impl Target {
+    /// A file that is not there yet is written in place (one directory operation per file, as
+    /// cp does) and removed again if its restore fails; an existing one is replaced atomically.
+    fn create(path: &Path) -> Result<Self> {
+        match create_new(path) {
+            Ok(file) => Ok(Self {
+                file,
+                path: path.to_path_buf(),
+                written: path.to_path_buf(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let dir = path.parent().expect("restored files live in a directory");
+                let tmp = dir.join(format!(
+                    ".cairn-restore-{}",
+                    hex::encode(rand::random::<[u8; 8]>())
+                ));
+                Ok(Self {
+                    file: create_new(&tmp).map_err(io(&tmp))?,
+                    path: path.to_path_buf(),
+                    written: tmp,
+                })
+            }
+            Err(e) => Err(io(path)(e)),
+        }
+    }
+}
+
 async fn restore_file(
     repo: &Repository,
     node: &Node,
     content: &[ChunkRef],
-    path: &Path,
+    target: Target,
     ctx: &FileCtx,
 ) -> Result<FileDone> {
-    let (verify, euid_root, progress) = (ctx.verify, ctx.euid_root, &ctx.progress);
-    // A file that is not there yet is written in place (one directory operation per file, as
-    // cp does) and removed again if its restore fails; an existing one is replaced atomically:
-    // written beside it under a temporary name, then renamed over it. Creation is exclusive,
-    // so an entry already at either name (a symlink included) is never followed.
-    let (file, tmp, fresh) = match create_new(path) {
-        Ok(f) => (f, path.to_path_buf(), true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let dir = path.parent().expect("restored files live in a directory");
-            let tmp = dir.join(format!(
-                ".cairn-restore-{}",
-                hex::encode(rand::random::<[u8; 8]>())
-            ));
-            (create_new(&tmp).map_err(io(&tmp))?, tmp, false)
-        }
-        Err(e) => return Err(io(path)(e)),
-    };
-    let result = write_file(repo, content, file, &tmp, node.size, progress, &ctx.budget).await;
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    let (verify, progress) = (ctx.verify, &ctx.progress);
+    let Target {
+        mut file,
+        path,
+        written,
+    } = target;
+    let result = async {
+        write_file(
+            repo,
+            content,
+            &mut file,
+            &written,
+            node.size,
+            progress,
+            &ctx.budget,
+        )
+        .await?;
+        set_file_meta(node, &file, &written, ctx.euid_root)
     }
-    let skipped = set_meta(node, &tmp, false, euid_root)?;
-    if !fresh {
-        std::fs::rename(&tmp, path).map_err(io(path))?;
+    .await;
+    drop(file);
+    let skipped = match result {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&written);
+            return Err(e);
+        }
+    };
+    if written != path {
+        std::fs::rename(&written, &path).map_err(io(&path))?;
     }
     if verify {
-        verify_file(repo, content, path)?;
+        verify_file(repo, content, &path)?;
     }
     progress.file_done(0, true);
     Ok(FileDone {
@@ -281,7 +328,7 @@ fn create_new(p: &Path) -> std::io::Result<std::fs::File> {
 async fn write_file(
     repo: &Repository,
     content: &[ChunkRef],
-    mut f: std::fs::File,
+    f: &mut std::fs::File,
     tmp: &Path,
     size: u64,
     progress: &Progress,
@@ -309,7 +356,7 @@ async fn write_file(
                 c.id
             )));
         }
-        write_sparse(&mut f, &data).map_err(io(tmp))?;
+        write_sparse(f, &data).map_err(io(tmp))?;
         progress.bytes(data.len() as u64);
     }
     // A trailing hole was seeked over, not written: the length comes from here.
@@ -317,6 +364,30 @@ async fn write_file(
         f.set_len(size).map_err(io(tmp))?;
     }
     Ok(())
+}
+
+fn mtime(node: &Node) -> filetime::FileTime {
+    filetime::FileTime::from_unix_time(
+        node.mtime_ns.div_euclid(1_000_000_000),
+        node.mtime_ns.rem_euclid(1_000_000_000) as u32,
+    )
+}
+
+/// Sets a restored file's owner (as root), mode and mtime through its open descriptor;
+/// returns 1 if the owner could not be set.
+fn set_file_meta(node: &Node, f: &std::fs::File, path: &Path, euid_root: bool) -> Result<u64> {
+    let mut skipped = 0;
+    if euid_root {
+        if let Err(e) = std::os::unix::fs::fchown(f, Some(node.uid), Some(node.gid)) {
+            tracing::debug!(path = %path.display(), error = %e, "owner not restored");
+            skipped = 1;
+        }
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(node.mode))
+        .map_err(io(path))?;
+    let mtime = mtime(node);
+    filetime::set_file_handle_times(f, Some(mtime), Some(mtime)).map_err(io(path))?;
+    Ok(skipped)
 }
 
 /// Sets owner (as root), mode and mtime; returns 1 if the owner could not be set.
@@ -332,10 +403,7 @@ fn set_meta(node: &Node, path: &Path, symlink: bool, euid_root: bool) -> Result<
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(node.mode))
             .map_err(io(path))?;
     }
-    let mtime = filetime::FileTime::from_unix_time(
-        node.mtime_ns.div_euclid(1_000_000_000),
-        node.mtime_ns.rem_euclid(1_000_000_000) as u32,
-    );
+    let mtime = mtime(node);
     filetime::set_symlink_file_times(path, mtime, mtime).map_err(io(path))?;
     Ok(skipped)
 }

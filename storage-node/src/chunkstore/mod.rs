@@ -362,7 +362,11 @@ impl Shared {
         if let Some(f) = self.files.read().expect("files lock").get(&seg) {
             return Ok(f.clone());
         }
-        let f = Arc::new(File::open(seg_path(&self.dir, seg))?);
+        let f = File::open(seg_path(&self.dir, seg))?;
+        // Reads are of single records: each node serves only the chunks the client asks of it,
+        // so readahead would mostly pull in records that other replicas serve.
+        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random);
+        let f = Arc::new(f);
         self.files
             .write()
             .expect("files lock")
