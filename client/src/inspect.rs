@@ -1,6 +1,6 @@
 //! Looking into snapshots: `ls`, `diff`, and `check` of the repository's integrity.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -12,6 +12,9 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::repo::{Repository, SnapshotQuery};
 use crate::tree::{Kind, Node, Tree};
+
+/// Bytes of chunks (by plaintext length) in one batch read by `check --read-data`.
+const READ_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// One entry of `ls`.
 #[derive(Debug, Clone, Serialize)]
@@ -210,46 +213,47 @@ impl Repository {
             ..Default::default()
         };
         let mut trees_seen = HashSet::new();
-        let mut chunks: HashSet<ChunkId> = HashSet::new();
+        // Every chunk referenced, with its plaintext length (0 for trees: not recorded).
+        let mut chunks: HashMap<ChunkId, u32> = HashMap::new();
         let mut stack: Vec<ChunkId> = Vec::new();
         for s in &snaps {
             stack.push(Self::root_of(s)?);
         }
-        // Walk the trees a frontier at a time, fetching each frontier concurrently.
+        // Walk the trees a frontier at a time, fetching each frontier in batches.
         while !stack.is_empty() {
             let frontier: Vec<ChunkId> = std::mem::take(&mut stack)
                 .into_iter()
                 .filter(|id| trees_seen.insert(*id))
                 .collect();
-            let fetched: Vec<(ChunkId, Result<Tree>)> = futures::stream::iter(frontier)
-                .map(|id| async move { (id, self.tree(id).await) })
-                .buffer_unordered(16)
-                .collect()
-                .await;
-            for (id, t) in fetched {
-                chunks.insert(id);
-                let t = match t {
-                    Ok(t) => t,
-                    Err(e) => {
-                        report.read_errors.push(format!("tree {id}: {e}"));
-                        continue;
-                    }
-                };
-                for n in t.nodes {
-                    match n.kind {
-                        Kind::Dir { subtree } => stack.push(subtree),
-                        Kind::File { content } => chunks.extend(content.iter().map(|c| c.id)),
-                        Kind::Symlink { .. } => {}
+            for batch in frontier.chunks(256) {
+                for (id, t) in batch.iter().zip(self.trees(batch).await) {
+                    chunks.insert(*id, 0);
+                    let t = match t {
+                        Ok(t) => t,
+                        Err(e) => {
+                            report.read_errors.push(format!("tree {id}: {e}"));
+                            continue;
+                        }
+                    };
+                    for n in t.nodes {
+                        match n.kind {
+                            Kind::Dir { subtree } => stack.push(subtree),
+                            Kind::File { content } => {
+                                chunks.extend(content.iter().map(|c| (c.id, c.len)))
+                            }
+                            Kind::Symlink { .. } => {}
+                        }
                     }
                 }
             }
         }
         report.trees = trees_seen.len() as u64;
         report.chunks = chunks.len() as u64;
-        let ids: Vec<ChunkId> = chunks.into_iter().collect();
+        let ids: Vec<(ChunkId, u32)> = chunks.into_iter().collect();
         let r = report.replicas;
         for part in ids.chunks(4096) {
-            let copies = self.cluster.copies(part).await?;
+            let part: Vec<ChunkId> = part.iter().map(|(id, _)| *id).collect();
+            let copies = self.cluster.copies(&part).await?;
             for (id, c) in part.iter().zip(copies) {
                 if c == 0 {
                     report.missing.push(id.to_hex());
@@ -260,25 +264,35 @@ impl Repository {
         }
         if let Some(pct) = read_percent {
             let threshold = (pct.clamp(0.0, 100.0) / 100.0 * u32::MAX as f64) as u64;
-            let selected: Vec<ChunkId> = ids
-                .into_iter()
-                .filter(|id| {
-                    u64::from(u32::from_be_bytes(id.0[28..32].try_into().expect("4"))) <= threshold
-                        && pct > 0.0
-                })
-                .collect();
-            // Batches of up to 256 chunks, four batches at a time.
-            let mut results = futures::stream::iter(selected.chunks(256).map(<[ChunkId]>::to_vec))
+            let selected = ids.into_iter().filter(|(id, _)| {
+                u64::from(u32::from_be_bytes(id.0[28..32].try_into().expect("4"))) <= threshold
+                    && pct > 0.0
+            });
+            // Batches of up to 256 chunks and about READ_BATCH_BYTES, four batches at a time:
+            // memory stays bounded whatever the chunk sizes.
+            let mut batches: Vec<Vec<ChunkId>> = vec![Vec::new()];
+            let mut bytes = 0usize;
+            for (id, len) in selected {
+                let last = batches.last_mut().expect("one batch");
+                if last.len() == 256 || bytes >= READ_BATCH_BYTES {
+                    batches.push(Vec::new());
+                    bytes = 0;
+                }
+                batches.last_mut().expect("one batch").push(id);
+                bytes += len.max(64 * 1024) as usize;
+            }
+            let mut results = futures::stream::iter(batches)
                 .map(|batch| async move {
                     let got = self.cluster.get_many(&self.keys, &batch).await;
-                    batch.into_iter().zip(got).collect::<Vec<_>>()
+                    got
                 })
                 .buffer_unordered(4);
             while let Some(batch) = results.next().await {
-                for (id, r) in batch {
+                for r in batch {
                     match r {
                         Ok(_) => report.read_verified += 1,
-                        Err(e) => report.read_errors.push(format!("chunk {id}: {e}")),
+                        // The error names the chunk.
+                        Err(e) => report.read_errors.push(e.to_string()),
                     }
                 }
             }
