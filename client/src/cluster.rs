@@ -387,7 +387,7 @@ impl Cluster {
                 for &i in &idxs {
                     let Ok(Ok(Some(r))) = tokio::time::timeout(GET_TIMEOUT, stream.message()).await
                     else {
-                        break;
+                        return got;
                     };
                     match open_reply(keys, ids[i], r) {
                         Ok(p) => got.push((i, p)),
@@ -400,6 +400,8 @@ impl Cluster {
                         }
                     }
                 }
+                // To the end of the stream, as in `get_from`.
+                let _ = tokio::time::timeout(GET_TIMEOUT, stream.message()).await;
                 got
             }
         });
@@ -463,6 +465,9 @@ impl Cluster {
             .message()
             .await?
             .ok_or_else(|| Error::Rpc(tonic::Status::unavailable("empty reply")))?;
+        // Read to the end of the stream: one dropped before its end is reset, and HTTP/2 closes
+        // a connection after 1024 such resets.
+        let _ = s.message().await;
         open_reply(keys, id, r)
     }
 

@@ -243,7 +243,15 @@ fn decompress(body: &[u8], max_len: usize) -> std::io::Result<Vec<u8>> {
         if c.is_none() {
             *c = Some(zstd::bulk::Decompressor::new()?);
         }
-        c.as_mut().expect("set above").decompress(body, max_len)
+        // Sized from the frame header (sealing records it): a buffer of `max_len` for every
+        // chunk kept 16 MiB allocations alive per chunk held, and fragmented the heap.
+        let size = zstd::zstd_safe::get_frame_content_size(body)
+            .ok()
+            .flatten()
+            .map_or(max_len, |n| {
+                usize::try_from(n).unwrap_or(max_len).min(max_len)
+            });
+        c.as_mut().expect("set above").decompress(body, size)
     })
 }
 

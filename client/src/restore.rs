@@ -68,7 +68,11 @@ pub struct RestoreSummary {
 }
 
 /// Files restored at once (many small files are latency-bound).
-const FILES_PARALLEL: usize = 32;
+const FILES_PARALLEL: usize = 64;
+/// Files of one chunk are fetched together, this many per request batch...
+const SMALL_BATCH_FILES: usize = 16;
+/// ...and up to about this many bytes.
+const SMALL_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Subtrees fetched in one request per node.
 const TREE_BATCH: usize = 256;
 /// Bytes of chunks fetched but not yet written, across all files, in KiB: bounds memory.
@@ -89,7 +93,9 @@ struct Restorer<'a> {
     deferred_links: Vec<(PathBuf, PathBuf)>,
     /// Directories whose metadata is set after everything inside them (post-order).
     dir_meta: Vec<(Node, PathBuf)>,
-    tasks: JoinSet<Result<FileDone>>,
+    tasks: JoinSet<Result<Vec<FileDone>>>,
+    /// Files of one chunk, created and waiting to be fetched together.
+    small: Vec<SmallFile>,
     sem: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
     sum: RestoreSummary,
@@ -108,14 +114,36 @@ impl Restorer<'_> {
 
     fn reap(
         &mut self,
-        r: std::result::Result<Result<FileDone>, tokio::task::JoinError>,
+        r: std::result::Result<Result<Vec<FileDone>>, tokio::task::JoinError>,
     ) -> Result<()> {
-        let d = r.map_err(|e| Error::Invalid(format!("restore task failed: {e}")))??;
-        self.sum.files += 1;
-        self.sum.bytes += d.bytes;
-        self.sum.verified += u64::from(d.verified);
-        self.sum.metadata_skipped += d.metadata_skipped;
+        let done = r.map_err(|e| Error::Invalid(format!("restore task failed: {e}")))??;
+        for d in done {
+            self.sum.files += 1;
+            self.sum.bytes += d.bytes;
+            self.sum.verified += u64::from(d.verified);
+            self.sum.metadata_skipped += d.metadata_skipped;
+        }
         Ok(())
+    }
+
+    fn file_ctx(&self) -> FileCtx {
+        FileCtx {
+            verify: self.opts.verify,
+            euid_root: self.euid_root,
+            progress: self.progress.clone(),
+            budget: self.bytes.clone(),
+        }
+    }
+
+    /// Restores the waiting files of one chunk in one task: their chunks in one batch read.
+    fn flush_small(&mut self) {
+        if self.small.is_empty() {
+            return;
+        }
+        let files = std::mem::take(&mut self.small);
+        let (repo, ctx) = (self.repo.clone(), self.file_ctx());
+        self.tasks
+            .spawn(async move { restore_small(&repo, files, &ctx).await });
     }
 
     async fn dir(&mut self, tree: &Tree, rel: &Path, abs: &Path, whole: bool) -> Result<bool> {
@@ -189,16 +217,26 @@ impl Restorer<'_> {
                     // lock while the file system allocates an inode, and tasks creating side by
                     // side spent their time spinning on it.
                     let target = Target::create(&cabs)?;
+                    if let [chunk] = content.as_slice() {
+                        self.small.push(SmallFile {
+                            node: node.clone(),
+                            chunk: *chunk,
+                            target,
+                            _permit: permit,
+                        });
+                        let bytes: usize = self.small.iter().map(|f| f.chunk.len as usize).sum();
+                        if self.small.len() >= SMALL_BATCH_FILES || bytes >= SMALL_BATCH_BYTES {
+                            self.flush_small();
+                        }
+                        continue;
+                    }
                     let (repo, node, content) = (self.repo.clone(), node.clone(), content.clone());
-                    let ctx = FileCtx {
-                        verify: self.opts.verify,
-                        euid_root: self.euid_root,
-                        progress: self.progress.clone(),
-                        budget: self.bytes.clone(),
-                    };
+                    let ctx = self.file_ctx();
                     self.tasks.spawn(async move {
                         let _permit = permit;
-                        restore_file(&repo, &node, &content, target, &ctx).await
+                        restore_file(&repo, &node, &content, target, &ctx, None)
+                            .await
+                            .map(|d| vec![d])
                     });
                 }
             }
@@ -208,6 +246,7 @@ impl Restorer<'_> {
 
     /// Waits for the files, then makes hard links and sets directories' metadata.
     async fn finish(&mut self) -> Result<()> {
+        self.flush_small();
         while let Some(r) = self.tasks.join_next().await {
             self.reap(r)?;
         }
@@ -269,12 +308,59 @@ impl Target {
     }
 }
 
+/// A file of one chunk waiting in a batch (see [`SMALL_BATCH_FILES`]).
+struct SmallFile {
+    node: Node,
+    chunk: ChunkRef,
+    target: Target,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Restores files of one chunk each: every chunk from one batch read, then each file.
+async fn restore_small(
+    repo: &Repository,
+    files: Vec<SmallFile>,
+    ctx: &FileCtx,
+) -> Result<Vec<FileDone>> {
+    let bytes: usize = files.iter().map(|f| f.chunk.len as usize).sum();
+    let kib = bytes.div_ceil(1024).clamp(1, INFLIGHT_KIB) as u32;
+    let _budget = ctx
+        .budget
+        .clone()
+        .acquire_many_owned(kib)
+        .await
+        .expect("semaphore open");
+    let ids: Vec<ChunkId> = files.iter().map(|f| f.chunk.id).collect();
+    let mut got = repo.cluster.get_many(&repo.keys, &ids).await.into_iter();
+    let mut done = Vec::with_capacity(files.len());
+    let mut failed = None;
+    for f in files {
+        let data = got.next().expect("one result per chunk");
+        if failed.is_some() {
+            // Another file of the batch failed: this one is not left half made either.
+            let _ = std::fs::remove_file(&f.target.written);
+            continue;
+        }
+        let content = [f.chunk];
+        match restore_file(repo, &f.node, &content, f.target, ctx, Some(data)).await {
+            Ok(d) => done.push(d),
+            Err(e) => failed = Some(e),
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
+
+/// Restores one file into `target`; `first`, when given, is its only chunk, fetched already.
 async fn restore_file(
     repo: &Repository,
     node: &Node,
     content: &[ChunkRef],
     target: Target,
     ctx: &FileCtx,
+    first: Option<Result<Vec<u8>>>,
 ) -> Result<FileDone> {
     let (verify, progress) = (ctx.verify, &ctx.progress);
     let Target {
@@ -283,16 +369,24 @@ async fn restore_file(
         written,
     } = target;
     let result = async {
-        write_file(
-            repo,
-            content,
-            &mut file,
-            &written,
-            node.size,
-            progress,
-            &ctx.budget,
-        )
-        .await?;
+        match first {
+            Some(data) => {
+                write_chunk(&mut file, &written, &content[0], &data?, progress)?;
+                set_length(&mut file, &written, node.size)?;
+            }
+            None => {
+                write_file(
+                    repo,
+                    content,
+                    &mut file,
+                    &written,
+                    node.size,
+                    progress,
+                    &ctx.budget,
+                )
+                .await?
+            }
+        }
         set_file_meta(node, &file, &written, ctx.euid_root)
     }
     .await;
@@ -350,18 +444,34 @@ async fn write_file(
         .buffered(FETCH_PARALLEL);
     while let Some(r) = chunks.next().await {
         let (c, data, _permit) = r?;
-        if data.len() != c.len as usize {
-            return Err(Error::Integrity(format!(
-                "chunk {} has the wrong length",
-                c.id
-            )));
-        }
-        write_sparse(f, &data).map_err(io(tmp))?;
-        progress.bytes(data.len() as u64);
+        write_chunk(f, tmp, &c, &data, progress)?;
     }
-    // A trailing hole was seeked over, not written: the length comes from here.
-    if f.metadata().map_err(io(tmp))?.len() != size {
-        f.set_len(size).map_err(io(tmp))?;
+    set_length(f, tmp, size)
+}
+
+/// Writes the next chunk of a file, after checking its length against the tree's.
+fn write_chunk(
+    f: &mut std::fs::File,
+    path: &Path,
+    c: &ChunkRef,
+    data: &[u8],
+    progress: &Progress,
+) -> Result<()> {
+    if data.len() != c.len as usize {
+        return Err(Error::Integrity(format!(
+            "chunk {} has the wrong length",
+            c.id
+        )));
+    }
+    write_sparse(f, data).map_err(io(path))?;
+    progress.bytes(data.len() as u64);
+    Ok(())
+}
+
+/// A trailing hole was seeked over, not written: the length comes from here.
+fn set_length(f: &mut std::fs::File, path: &Path, size: u64) -> Result<()> {
+    if f.metadata().map_err(io(path))?.len() != size {
+        f.set_len(size).map_err(io(path))?;
     }
     Ok(())
 }
@@ -500,6 +610,7 @@ impl Repository {
             deferred_links: Vec::new(),
             dir_meta: Vec::new(),
             tasks: JoinSet::new(),
+            small: Vec::new(),
             sem: Arc::new(Semaphore::new(FILES_PARALLEL)),
             bytes: Arc::new(Semaphore::new(INFLIGHT_KIB)),
             sum: RestoreSummary {

@@ -411,9 +411,13 @@ impl Healer {
             else {
                 continue;
             };
-            let Ok(Some(r)) = resp.into_inner().message().await else {
+            let mut stream = resp.into_inner();
+            let Ok(Some(r)) = stream.message().await else {
                 continue;
             };
+            // To the end: a stream dropped early is reset, and HTTP/2 closes a connection
+            // after 1024 such resets.
+            let _ = stream.message().await;
             if !r.error.is_empty() || cairn_proto::blob_hash(&r.blob) != r.hash.as_ref() {
                 continue;
             }

@@ -227,6 +227,9 @@ async fn compaction_reclaims_deleted_space_and_keeps_live_chunks() {
     for chunk in big.chunks(8) {
         s.put(chunk.to_vec()).await.unwrap();
     }
+    // Putting chunks it holds again changes no count.
+    s.put(big[..4].to_vec()).await.unwrap();
+    assert_eq!(s.stats().chunks as usize, big.len());
     assert!(segment_files(dir.path()).len() >= 2);
     let first_seg: Vec<_> = big
         .iter()
@@ -235,8 +238,11 @@ async fn compaction_reclaims_deleted_space_and_keeps_live_chunks() {
         .collect();
     let (dead, keep) = first_seg.split_at(first_seg.len() - 3);
     s.delete(dead.to_vec()).await.unwrap();
+    assert_eq!(s.stats().chunks as usize, big.len() - dead.len());
     let st = s.compact(0.5).await.unwrap();
     assert_eq!(st.segments_removed, 1);
+    // Chunks moved by compaction are still counted once.
+    assert_eq!(s.stats().chunks as usize, big.len() - dead.len());
     assert!(st.bytes_reclaimed > 200 << 20, "{st:?}");
     for id in keep {
         assert_ne!(s.location(id).unwrap().unwrap().segment, 0);

@@ -140,6 +140,8 @@ struct Shared {
     meta: sled::Tree,
     files: RwLock<HashMap<u32, Arc<File>>>,
     live_bytes: AtomicU64,
+    /// Entries in the index, kept here: sled counts them by walking the whole tree.
+    live_chunks: AtomicU64,
     corrupt_found: AtomicU64,
 }
 
@@ -208,6 +210,7 @@ impl ChunkStore {
             meta,
             files: RwLock::new(HashMap::new()),
             live_bytes: AtomicU64::new(0),
+            live_chunks: AtomicU64::new(0),
             corrupt_found: AtomicU64::new(0),
         });
         let active = shared.recover()?;
@@ -334,7 +337,7 @@ impl ChunkStore {
     /// Current counters.
     pub fn stats(&self) -> Stats {
         Stats {
-            chunks: self.shared.index.len() as u64,
+            chunks: self.shared.live_chunks.load(Ordering::Relaxed),
             bytes: self.shared.live_bytes.load(Ordering::Relaxed),
             segments: list_segments(&self.shared.dir)
                 .map(|v| v.len() as u64)
@@ -472,14 +475,18 @@ impl Shared {
         self.meta
             .insert(FRONTIER, frontier_bytes(active).to_vec())?;
         self.db.flush()?;
-        let live: u64 = self
+        let (mut live, mut chunks) = (0u64, 0u64);
+        for l in self
             .index
             .iter()
             .values()
             .filter_map(|v| v.ok().and_then(|v| Location::decode(&v)))
-            .map(|l| l.record_len())
-            .sum();
+        {
+            live += l.record_len();
+            chunks += 1;
+        }
         self.live_bytes.store(live, Ordering::Relaxed);
+        self.live_chunks.store(chunks, Ordering::Relaxed);
         Ok(active)
     }
 }
@@ -585,6 +592,7 @@ impl Writer {
         let mut seen = HashSet::new();
         let mut idx = sled::Batch::default();
         let mut added = 0u64;
+        let mut new_chunks = 0u64;
         for item in groups.iter().flat_map(|g| g.iter()) {
             if !seen.insert(item.id) || (!force && self.shared.index.contains_key(item.id.0)?) {
                 existed.push(true);
@@ -604,6 +612,8 @@ impl Writer {
             self.out.append(&header)?;
             self.out.append(&item.blob)?;
             added += loc.record_len();
+            // A forced write moves a chunk the index holds already (compaction).
+            new_chunks += u64::from(!force);
             idx.insert(&item.id.0[..], &loc.encode()[..]);
         }
         if added > 0 {
@@ -615,6 +625,9 @@ impl Writer {
             )?;
             self.shared.db.flush()?;
             self.shared.live_bytes.fetch_add(added, Ordering::Relaxed);
+            self.shared
+                .live_chunks
+                .fetch_add(new_chunks, Ordering::Relaxed);
         }
         Ok(existed)
     }
@@ -637,6 +650,7 @@ impl Writer {
                     self.shared
                         .live_bytes
                         .fetch_sub(loc.record_len(), Ordering::Relaxed);
+                    self.shared.live_chunks.fetch_sub(1, Ordering::Relaxed);
                     removed += 1;
                 }
             }
