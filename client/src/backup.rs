@@ -273,13 +273,13 @@ async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Vec<u8>)>) -> Resul
     Ok(up)
 }
 
-/// An entry's counterpart in the parent snapshot, with its subtree when it is a directory.
 /// A directory's nodes while it is walked; `None` for a file that turned out unreadable.
 #[derive(Default)]
 struct Building {
     nodes: Vec<Option<Node>>,
 }
 
+/// An entry's counterpart in the parent snapshot, with its subtree when it is a directory.
 struct Prev {
     node: Option<Node>,
     tree: Option<(ChunkId, Tree)>,
