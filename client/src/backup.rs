@@ -40,8 +40,6 @@ use crate::tree::{ChunkRef, Kind, Node, Tree};
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Most chunks in one batch.
 const BATCH_CHUNKS: usize = 128;
-/// Parent trees fetched in one request per node.
-const PREFETCH_BATCH: usize = 256;
 /// Subdirectories of a directory listed ahead of the walk, on blocking threads.
 const LIST_AHEAD: usize = 4;
 /// Files up to this size are read whole on a blocking thread while the walk goes on.
@@ -392,7 +390,7 @@ impl Job<'_> {
         self.warnings.push(msg);
     }
 
-    /// The parent snapshot's trees of the child directories named, fetched concurrently.
+    /// The parent snapshot's trees of the child directories named, fetched together.
     async fn prefetch(&self, parent: Option<&Tree>, names: &[OsString]) -> HashMap<ChunkId, Tree> {
         let Some(parent) = parent.filter(|_| self.use_parent) else {
             return HashMap::new();
@@ -404,16 +402,11 @@ impl Job<'_> {
                 _ => None,
             })
             .collect();
-        let mut out = HashMap::with_capacity(ids.len());
-        for batch in ids.chunks(PREFETCH_BATCH) {
-            let trees = self.repo.trees(batch).await;
-            for (id, t) in batch.iter().zip(trees) {
-                if let Ok(t) = t {
-                    out.insert(*id, t);
-                }
-            }
-        }
-        out
+        let trees = self.repo.trees(&ids).await;
+        ids.into_iter()
+            .zip(trees)
+            .filter_map(|(id, t)| t.ok().map(|t| (id, t)))
+            .collect()
     }
 
     async fn dir(
@@ -579,24 +572,12 @@ impl Job<'_> {
         let mut content = Vec::with_capacity(file.chunks.len());
         let mut bytes = 0u64;
         for (id, data) in file.chunks {
-            bytes += data.len() as u64;
-            self.progress.bytes(data.len() as u64);
-            content.push(ChunkRef {
-                id,
-                len: data.len() as u32,
-            });
-            self.uploader.add(id, data).await?;
+            bytes += self.take_chunk(&mut content, id, data).await?;
         }
         if let Some(n) = node.as_mut() {
             n.kind = Kind::File { content };
         }
-        self.counters.bytes_read += bytes;
-        if read.changed {
-            self.counters.files_changed += 1;
-        } else {
-            self.counters.files_new += 1;
-        }
-        self.progress.file_done(0, true);
+        self.file_read(read.changed, bytes);
         if let Some(w) = file.warning {
             self.warn(w);
         }
@@ -677,14 +658,9 @@ impl Job<'_> {
             let task = self.read_small(path.to_path_buf(), meta.clone());
             return Ok(Some(Entry::Reading(node, PendingRead { task, changed })));
         }
-        match self.read_file(path, meta).await {
+        match self.read_file(path, meta, changed).await {
             Ok(content) => {
                 node.kind = Kind::File { content };
-                if changed {
-                    self.counters.files_changed += 1;
-                } else {
-                    self.counters.files_new += 1;
-                }
                 Ok(Some(Entry::Done(node)))
             }
             Err(Error::Io { path, source }) => {
@@ -720,6 +696,7 @@ impl Job<'_> {
         &mut self,
         path: &Path,
         before: &std::fs::Metadata,
+        changed: bool,
     ) -> Result<Vec<ChunkRef>> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let (tx, mut rx) = mpsc::channel::<std::io::Result<(ChunkId, Vec<u8>)>>(4);
@@ -739,23 +716,44 @@ impl Job<'_> {
         let mut read = 0u64;
         while let Some(msg) = rx.recv().await {
             let (id, data) = msg.map_err(|e| Error::io(path, e))?;
-            read += data.len() as u64;
-            self.progress.bytes(data.len() as u64);
-            content.push(ChunkRef {
-                id,
-                len: data.len() as u32,
-            });
-            self.uploader.add(id, data).await?;
+            read += self.take_chunk(&mut content, id, data).await?;
         }
         reader
             .await
             .map_err(|e| Error::Invalid(format!("reader task failed: {e}")))?;
-        self.counters.bytes_read += read;
-        self.progress.file_done(0, true);
+        self.file_read(changed, read);
         if let Some(w) = changed_while_read(path, before, read) {
             self.warn(w);
         }
         Ok(content)
+    }
+
+    /// Adds a chunk just cut to a file's chunk list and to the upload; returns its length.
+    async fn take_chunk(
+        &mut self,
+        content: &mut Vec<ChunkRef>,
+        id: ChunkId,
+        data: Vec<u8>,
+    ) -> Result<u64> {
+        let len = data.len() as u64;
+        self.progress.bytes(len);
+        content.push(ChunkRef {
+            id,
+            len: len as u32,
+        });
+        self.uploader.add(id, data).await?;
+        Ok(len)
+    }
+
+    /// Counts a file read whole: new, or changed since the parent snapshot.
+    fn file_read(&mut self, changed: bool, bytes: u64) {
+        self.counters.bytes_read += bytes;
+        if changed {
+            self.counters.files_changed += 1;
+        } else {
+            self.counters.files_new += 1;
+        }
+        self.progress.file_done(0, true);
     }
 
     /// Encodes and uploads a directory's tree, unless it is the parent snapshot's tree of the

@@ -219,13 +219,13 @@ impl Repository {
         for s in &snaps {
             stack.push(Self::root_of(s)?);
         }
-        // Walk the trees a frontier at a time, fetching each frontier in batches.
+        // Walk the trees a frontier at a time, fetching (and holding) one batch of it at a time.
         while !stack.is_empty() {
             let frontier: Vec<ChunkId> = std::mem::take(&mut stack)
                 .into_iter()
                 .filter(|id| trees_seen.insert(*id))
                 .collect();
-            for batch in frontier.chunks(256) {
+            for batch in frontier.chunks(crate::repo::TREES_PER_REQUEST) {
                 for (id, t) in batch.iter().zip(self.trees(batch).await) {
                     chunks.insert(*id, 0);
                     let t = match t {

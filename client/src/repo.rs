@@ -12,6 +12,9 @@ use crate::crypto::{self, Keys, Wrapped};
 use crate::error::{Error, Result};
 use crate::tree::Tree;
 
+/// Trees fetched in one batch by [`Repository::trees`].
+pub const TREES_PER_REQUEST: usize = 256;
+
 /// An open repository.
 #[derive(Clone)]
 pub struct Repository {
@@ -175,14 +178,15 @@ impl Repository {
         Tree::decode(&b)
     }
 
-    /// Many trees, fetched together (one request per node asked), in the order of `ids`.
+    /// Many trees, in the order of `ids`: [`TREES_PER_REQUEST`] at a time, each batch in one
+    /// request per node asked.
     pub async fn trees(&self, ids: &[ChunkId]) -> Vec<Result<Tree>> {
-        self.cluster
-            .get_many(&self.keys, ids)
-            .await
-            .into_iter()
-            .map(|b| b.and_then(|b| Tree::decode(&b)))
-            .collect()
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(TREES_PER_REQUEST) {
+            let got = self.cluster.get_many(&self.keys, batch).await;
+            out.extend(got.into_iter().map(|b| b.and_then(|b| Tree::decode(&b))));
+        }
+        out
     }
 
     /// Root tree of a snapshot.

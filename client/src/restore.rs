@@ -73,8 +73,6 @@ const FILES_PARALLEL: usize = 64;
 const SMALL_BATCH_FILES: usize = 16;
 /// ...and up to about this many bytes.
 const SMALL_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Subtrees fetched in one request per node.
-const TREE_BATCH: usize = 256;
 /// Bytes of chunks fetched but not yet written, across all files, in KiB: bounds memory.
 const INFLIGHT_KIB: usize = 64 * 1024;
 
@@ -157,12 +155,12 @@ impl Restorer<'_> {
                 _ => None,
             })
             .collect();
-        let mut subtrees: HashMap<ChunkId, Tree> = HashMap::with_capacity(ids.len());
-        for batch in ids.chunks(TREE_BATCH) {
-            for (id, t) in batch.iter().zip(self.repo.trees(batch).await) {
-                subtrees.insert(*id, t?);
-            }
-        }
+        let trees = self.repo.trees(&ids).await;
+        let subtrees: HashMap<ChunkId, Tree> = ids
+            .into_iter()
+            .zip(trees)
+            .map(|(id, t)| t.map(|t| (id, t)))
+            .collect::<Result<_>>()?;
         for node in &tree.nodes {
             let name = std::ffi::OsStr::from_bytes(&node.name);
             let crel = rel.join(name);
