@@ -24,6 +24,10 @@ pub const MAX_IDS: usize = 10_000;
 const PUT_GROUP: usize = 64;
 /// Most bytes handled as one group of a put stream.
 const PUT_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Most chunks of a get stream read by one blocking task.
+const READ_BATCH_CHUNKS: usize = 64;
+/// A get stream's blocking read stops after this many bytes.
+const READ_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Maps errors to statuses.
 pub fn to_status(e: ReplError) -> Status {
@@ -74,6 +78,23 @@ fn ids(raw: &[Bytes]) -> Result<Vec<ChunkId>, Status> {
     raw.iter()
         .map(|b| ChunkId::from_slice(b).map_err(|e| Status::invalid_argument(e.to_string())))
         .collect()
+}
+
+/// One chunk of a get stream: its blob and hash, or why this node cannot give it.
+fn get_reply(id: ChunkId, got: Result<(Vec<u8>, [u8; 32]), StoreError>) -> GetChunkReply {
+    match got {
+        Ok((blob, hash)) => GetChunkReply {
+            id: Bytes::copy_from_slice(&id.0),
+            blob: blob.into(),
+            hash: Bytes::copy_from_slice(&hash),
+            error: String::new(),
+        },
+        Err(e) => GetChunkReply {
+            id: Bytes::copy_from_slice(&id.0),
+            error: e.to_string(),
+            ..Default::default()
+        },
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -162,28 +183,26 @@ impl ChunkStoreRpc for ChunkService {
         let ids = ids(&req.into_inner().ids)?;
         let store = self.store.clone();
         let healer = self.healer.clone();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(READ_BATCH_CHUNKS);
         tokio::spawn(async move {
-            for id in ids {
-                let got = store.get(id).await;
-                if let Err(StoreError::Corrupt(id)) = &got {
-                    healer.report(&[*id], true);
-                }
-                let reply = match got {
-                    Ok((blob, hash)) => GetChunkReply {
-                        id: Bytes::copy_from_slice(&id.0),
-                        blob: blob.into(),
-                        hash: Bytes::copy_from_slice(&hash),
-                        error: String::new(),
-                    },
-                    Err(e) => GetChunkReply {
-                        id: Bytes::copy_from_slice(&id.0),
-                        error: e.to_string(),
-                        ..Default::default()
-                    },
+            let mut rest = &ids[..];
+            while !rest.is_empty() {
+                let batch = &rest[..rest.len().min(READ_BATCH_CHUNKS)];
+                let replies = match store.get_batch(batch, READ_BATCH_BYTES).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e.into()))).await;
+                        return;
+                    }
                 };
-                if tx.send(Ok(reply)).await.is_err() {
-                    return;
+                rest = &rest[replies.len()..];
+                for (id, got) in replies {
+                    if let Err(StoreError::Corrupt(id)) = &got {
+                        healer.report(&[*id], true);
+                    }
+                    if tx.send(Ok(get_reply(id, got))).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

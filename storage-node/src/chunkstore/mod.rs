@@ -6,9 +6,13 @@
 //!
 //! One writer thread owns the active segment. It takes every request waiting in its bounded
 //! queue as one group, appends them, fsyncs the segment once, records the index entries and the
-//! new durable frontier in one sled batch, flushes sled, and only then answers every request in
-//! the group (group commit). On open, records past the recorded frontier are re-verified and
-//! indexed; the first torn or invalid record there and everything after it is cut.
+//! new frontier in sled, and only then answers every request in the group (group commit). The
+//! segment is the durable copy: sled is flushed in the background once a second (and by every
+//! delete, compaction and shutdown), because flushing it for every group cost more CPU than
+//! writing the segment. On open, every record past the last frontier sled made durable is
+//! re-verified and indexed, so an acknowledged chunk whose index entry was not yet flushed is
+//! found again; a record whose blob fails its checksum is skipped, and a torn header (a write
+//! never acknowledged) and everything after it is cut.
 
 pub mod appender;
 pub mod segment;
@@ -32,6 +36,8 @@ use segment::{Scanned, HEADER_LEN};
 pub const SEGMENT_MAX: u64 = 256 * 1024 * 1024;
 /// At most this many bytes go into one group commit.
 const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// sled's background flush period. Records past the flushed frontier are re-verified on open.
+const INDEX_FLUSH_MS: u64 = 1000;
 /// Queue depth of the writer.
 const WRITER_QUEUE: usize = 64;
 
@@ -54,6 +60,9 @@ pub enum StoreError {
     #[error("chunk store is closed")]
     Closed,
 }
+
+/// One chunk read by [`ChunkStore::get_batch`]: its id and its blob and blob hash, or why not.
+pub type Read = (ChunkId, Result<(Vec<u8>, [u8; 32]), StoreError>);
 
 /// Where a chunk's record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +208,7 @@ impl ChunkStore {
         std::fs::create_dir_all(dir.join("segments"))?;
         let db = sled::Config::new()
             .path(dir.join("index"))
-            .flush_every_ms(None)
+            .flush_every_ms(Some(INDEX_FLUSH_MS))
             .open()?;
         let index = db.open_tree("index")?;
         let meta = db.open_tree("meta")?;
@@ -283,19 +292,53 @@ impl ChunkStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         if let Err(StoreError::Corrupt(id)) = &res {
-            warn!(chunk = %id, "corrupt copy found on read; quarantined");
-            self.shared.corrupt_found.fetch_add(1, Ordering::Relaxed);
-            let _ = self.shared.meta.insert(
-                CORRUPT,
-                &self
-                    .shared
-                    .corrupt_found
-                    .load(Ordering::Relaxed)
-                    .to_be_bytes(),
-            );
-            self.delete(vec![*id]).await?;
+            self.quarantine(*id).await?;
         }
         res
+    }
+
+    /// Reads chunks from the front of `ids` on one blocking thread, stopping once `max_bytes`
+    /// have been read (at least one chunk is read), and returns one result per chunk read, in
+    /// order. Corrupt copies are quarantined as by [`ChunkStore::get`]. A stream of reads pays
+    /// one thread hand-off per batch instead of one per chunk.
+    pub async fn get_batch(
+        &self,
+        ids: &[ChunkId],
+        max_bytes: usize,
+    ) -> Result<Vec<Read>, StoreError> {
+        let shared = self.shared.clone();
+        let ids = ids.to_vec();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for id in ids {
+                let r = shared.read(&id);
+                if let Ok((blob, _)) = &r {
+                    bytes += blob.len();
+                }
+                out.push((id, r));
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+        for (_, r) in &res {
+            if let Err(StoreError::Corrupt(id)) = r {
+                self.quarantine(*id).await?;
+            }
+        }
+        Ok(res)
+    }
+
+    /// Counts a copy that failed its checksum and deletes it, so that repair can replace it.
+    async fn quarantine(&self, id: ChunkId) -> Result<(), StoreError> {
+        warn!(chunk = %id, "corrupt copy found on read; quarantined");
+        let n = self.shared.corrupt_found.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.shared.meta.insert(CORRUPT, &n.to_be_bytes());
+        self.delete(vec![id]).await.map(|_| ())
     }
 
     /// Ids held in partitions `[start, end)`, in id order (a range scan: ids sort by partition).
@@ -405,9 +448,10 @@ impl Shared {
     }
 
     /// Re-verifies everything past the durable frontier (all segments if the index is gone),
-    /// indexes the sound records and cuts a torn tail. Everything past the frontier was never
-    /// acknowledged, so cutting there loses nothing; when rebuilding a lost index nothing is cut.
-    /// Returns the active segment and its end.
+    /// indexes the sound records and cuts a torn tail. Records there may have been acknowledged
+    /// (the segment was fsynced, the index not yet flushed): each is indexed again; only a
+    /// header that cannot be read, which a torn unacknowledged append leaves, ends the scan and
+    /// is cut. When rebuilding a lost index nothing is cut. Returns the active segment and its end.
     fn recover(&self) -> Result<(u32, u64), StoreError> {
         let segs = list_segments(&self.dir)?;
         if let Some(v) = self.meta.get(CORRUPT)? {
@@ -623,7 +667,6 @@ impl Writer {
                 FRONTIER,
                 frontier_bytes((self.seg, self.out.end())).to_vec(),
             )?;
-            self.shared.db.flush()?;
             self.shared.live_bytes.fetch_add(added, Ordering::Relaxed);
             self.shared
                 .live_chunks
