@@ -183,7 +183,9 @@ impl ChunkStoreRpc for ChunkService {
         let ids = ids(&req.into_inner().ids)?;
         let store = self.store.clone();
         let healer = self.healer.clone();
-        let (tx, rx) = mpsc::channel(READ_BATCH_CHUNKS);
+        // A few replies queued: with blobs of up to 16 MiB, the memory a slow reader pins is
+        // this many blobs plus one batch.
+        let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut rest = &ids[..];
             while !rest.is_empty() {
