@@ -287,14 +287,8 @@ impl ChunkStore {
     /// Reads and verifies a blob. A copy that fails verification is quarantined (dropped from
     /// the index, counted) and reported as [`StoreError::Corrupt`]; bad bytes are never returned.
     pub async fn get(&self, id: ChunkId) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
-        let shared = self.shared.clone();
-        let res = tokio::task::spawn_blocking(move || shared.read(&id))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        if let Err(StoreError::Corrupt(id)) = &res {
-            self.quarantine(*id).await?;
-        }
-        res
+        let mut read = self.get_batch(&[id], 0).await?;
+        read.pop().map_or(Err(StoreError::NotFound(id)), |(_, r)| r)
     }
 
     /// Reads chunks from the front of `ids` on one blocking thread, stopping once `max_bytes`
