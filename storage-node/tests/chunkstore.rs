@@ -61,6 +61,41 @@ async fn put_get_has_delete_reopen() {
 }
 
 #[tokio::test]
+async fn presence_filter_never_hides_a_stored_chunk_as_it_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let items: Vec<_> = (0..400).map(|n| item(n, 64)).collect();
+    let absent: Vec<_> = (1000..1400).map(|n| item(n, 64).id).collect();
+    let ids: Vec<_> = items.iter().map(|i| i.id).collect();
+    let check = |s: &ChunkStore, upto: usize| {
+        assert!(s.has(&ids[..upto]).unwrap().iter().all(|p| *p));
+        assert!(s.has(&ids[upto..]).unwrap().iter().all(|p| !p));
+        assert!(s.has(&absent).unwrap().iter().all(|p| !p));
+    };
+    {
+        // Sized for 16 ids: it is rebuilt several times while 400 are stored.
+        let s = ChunkStore::open_with(dir.path(), 16).unwrap();
+        for (k, batch) in items.chunks(10).enumerate() {
+            assert!(s.put(batch.to_vec()).await.unwrap().iter().all(|e| !e));
+            check(&s, (k + 1) * 10);
+        }
+        // Stored chunks are found as present by the dedup check of a put, too.
+        assert!(s.put(items.clone()).await.unwrap().iter().all(|e| *e));
+        assert_eq!(s.stats().chunks, 400);
+        s.close().await;
+    }
+    // Rebuilt from the index on open.
+    let s = ChunkStore::open_with(dir.path(), 16).unwrap();
+    check(&s, 400);
+    assert!(s
+        .put(items[..50].to_vec())
+        .await
+        .unwrap()
+        .iter()
+        .all(|e| *e));
+    s.close().await;
+}
+
+#[tokio::test]
 async fn concurrent_writers_share_group_commits() {
     let dir = tempfile::tempdir().unwrap();
     let s = ChunkStore::open(dir.path()).unwrap();

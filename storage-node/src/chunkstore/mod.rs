@@ -13,6 +13,12 @@
 //! re-verified and indexed, so an acknowledged chunk whose index entry was not yet flushed is
 //! found again; a record whose blob fails its checksum is skipped, and a torn header (a write
 //! never acknowledged) and everything after it is cut.
+//!
+//! In front of the index sits an in-memory Bloom filter of every indexed id ([`Presence`]): a
+//! chunk it has never seen is answered "absent" without an index lookup, which is what almost
+//! every dedup check of new data is. It only ever holds more ids than the index (ids are added
+//! before their entries, deletes leave them), so a "maybe" is confirmed in the index; it is
+//! rebuilt from the index on open and whenever the ids added outgrow the size it was built for.
 
 pub mod appender;
 pub mod segment;
@@ -30,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use appender::Appender;
+use bloomfilter::Bloom;
 use segment::{Scanned, HEADER_LEN};
 
 /// A segment is closed and a new one started beyond this size.
@@ -40,6 +47,11 @@ const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
 const INDEX_FLUSH_MS: u64 = 1000;
 /// Queue depth of the writer.
 const WRITER_QUEUE: usize = 64;
+/// The presence filter is sized for at least this many ids (unless [`ChunkStore::open_with`]
+/// says otherwise), and for twice the ids indexed.
+pub const PRESENCE_MIN: u64 = 1 << 20;
+/// False-positive rate of the presence filter at its sized capacity (about 10 bits per id).
+const PRESENCE_FP: f64 = 0.01;
 
 /// Chunk store errors.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +164,44 @@ struct Shared {
     /// Entries in the index, kept here: sled counts them by walking the whole tree.
     live_chunks: AtomicU64,
     corrupt_found: AtomicU64,
+    presence: RwLock<Presence>,
+    presence_min: u64,
+}
+
+/// A Bloom filter over the ids in the index, sized for `capacity` ids; only the writer thread
+/// adds to it (see the module docs).
+struct Presence {
+    bloom: Bloom<[u8; 32]>,
+    capacity: u64,
+    added: u64,
+}
+
+impl Presence {
+    fn with_capacity(ids: u64, min: u64) -> Self {
+        let capacity = ids.saturating_mul(2).max(min).max(1);
+        let items = usize::try_from(capacity).unwrap_or(usize::MAX);
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut seed);
+        Self {
+            bloom: Bloom::new_for_fp_rate_with_seed(items, PRESENCE_FP, &seed)
+                .expect("a positive capacity and a rate in (0, 1)"),
+            capacity,
+            added: 0,
+        }
+    }
+
+    fn add(&mut self, id: &ChunkId) {
+        self.bloom.set(&id.0);
+        self.added += 1;
+    }
+
+    fn may_hold(&self, id: &ChunkId) -> bool {
+        self.bloom.check(&id.0)
+    }
+
+    fn full(&self) -> bool {
+        self.added > self.capacity
+    }
 }
 
 /// Handle to the chunk store (cheap to clone).
@@ -205,6 +255,12 @@ fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
 impl ChunkStore {
     /// Opens (or creates) the store in `dir`, recovering from an unclean stop.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, PRESENCE_MIN)
+    }
+
+    /// [`ChunkStore::open`] with the presence filter sized for at least `presence_min` ids
+    /// (tests use a small one to exercise its rebuilds).
+    pub fn open_with(dir: &Path, presence_min: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir.join("segments"))?;
         let db = sled::Config::new()
             .path(dir.join("index"))
@@ -221,6 +277,8 @@ impl ChunkStore {
             live_bytes: AtomicU64::new(0),
             live_chunks: AtomicU64::new(0),
             corrupt_found: AtomicU64::new(0),
+            presence: RwLock::new(Presence::with_capacity(0, presence_min)),
+            presence_min,
         });
         let active = shared.recover()?;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
@@ -271,7 +329,7 @@ impl ChunkStore {
     /// Whether each id is present.
     pub fn has(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
         ids.iter()
-            .map(|id| Ok(self.shared.index.contains_key(id.0)?))
+            .map(|id| Ok(self.shared.may_hold(id) && self.shared.index.contains_key(id.0)?))
             .collect()
     }
 
@@ -433,6 +491,25 @@ impl Shared {
         }
     }
 
+    /// False when the index certainly does not hold `id`.
+    fn may_hold(&self, id: &ChunkId) -> bool {
+        self.presence.read().expect("presence lock").may_hold(id)
+    }
+
+    /// Builds the presence filter anew from the index, sized for twice the ids it holds.
+    fn rebuild_presence(&self) -> Result<(), StoreError> {
+        let mut p =
+            Presence::with_capacity(self.live_chunks.load(Ordering::Relaxed), self.presence_min);
+        for k in self.index.iter().keys() {
+            if let Ok(id) = ChunkId::from_slice(&k?) {
+                p.add(&id);
+            }
+        }
+        p.added = 0;
+        *self.presence.write().expect("presence lock") = p;
+        Ok(())
+    }
+
     fn frontier(&self) -> Result<Option<(u32, u64)>, StoreError> {
         Ok(self.meta.get(FRONTIER)?.and_then(|v| {
             let seg = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
@@ -525,6 +602,7 @@ impl Shared {
         }
         self.live_bytes.store(live, Ordering::Relaxed);
         self.live_chunks.store(chunks, Ordering::Relaxed);
+        self.rebuild_presence()?;
         Ok(active)
     }
 }
@@ -631,8 +709,12 @@ impl Writer {
         let mut idx = sled::Batch::default();
         let mut added = 0u64;
         let mut new_chunks = 0u64;
+        let mut new_ids = Vec::new();
         for item in groups.iter().flat_map(|g| g.iter()) {
-            if !seen.insert(item.id) || (!force && self.shared.index.contains_key(item.id.0)?) {
+            let held = !force
+                && self.shared.may_hold(&item.id)
+                && self.shared.index.contains_key(item.id.0)?;
+            if !seen.insert(item.id) || held {
                 existed.push(true);
                 continue;
             }
@@ -653,9 +735,19 @@ impl Writer {
             // A forced write moves a chunk the index holds already (compaction).
             new_chunks += u64::from(!force);
             idx.insert(&item.id.0[..], &loc.encode()[..]);
+            if !force {
+                new_ids.push(item.id);
+            }
         }
+        let mut rebuild = false;
         if added > 0 {
             self.out.commit()?;
+            {
+                // Before the index entries: the filter never misses an id the index holds.
+                let mut presence = self.shared.presence.write().expect("presence lock");
+                new_ids.iter().for_each(|id| presence.add(id));
+                rebuild = presence.full();
+            }
             self.shared.index.apply_batch(idx)?;
             self.shared.meta.insert(
                 FRONTIER,
@@ -665,6 +757,9 @@ impl Writer {
             self.shared
                 .live_chunks
                 .fetch_add(new_chunks, Ordering::Relaxed);
+        }
+        if rebuild {
+            self.shared.rebuild_presence()?;
         }
         Ok(existed)
     }
