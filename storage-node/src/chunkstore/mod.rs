@@ -502,10 +502,9 @@ impl Shared {
             Presence::with_capacity(self.live_chunks.load(Ordering::Relaxed), self.presence_min);
         for k in self.index.iter().keys() {
             if let Ok(id) = ChunkId::from_slice(&k?) {
-                p.add(&id);
+                p.bloom.set(&id.0);
             }
         }
-        p.added = 0;
         *self.presence.write().expect("presence lock") = p;
         Ok(())
     }
@@ -590,19 +589,27 @@ impl Shared {
         self.meta
             .insert(FRONTIER, frontier_bytes(active).to_vec())?;
         self.db.flush()?;
+        // One pass counts the index and fills the presence filter at its smallest size; only a
+        // store holding more ids than that size is read again for a filter sized to it.
         let (mut live, mut chunks) = (0u64, 0u64);
-        for l in self
-            .index
-            .iter()
-            .values()
-            .filter_map(|v| v.ok().and_then(|v| Location::decode(&v)))
-        {
-            live += l.record_len();
-            chunks += 1;
+        let mut presence = Presence::with_capacity(0, self.presence_min);
+        for entry in self.index.iter() {
+            let (k, v) = entry?;
+            if let Ok(id) = ChunkId::from_slice(&k) {
+                presence.add(&id);
+            }
+            if let Some(l) = Location::decode(&v) {
+                live += l.record_len();
+                chunks += 1;
+            }
         }
         self.live_bytes.store(live, Ordering::Relaxed);
         self.live_chunks.store(chunks, Ordering::Relaxed);
-        self.rebuild_presence()?;
+        let outgrown = presence.full();
+        *self.presence.write().expect("presence lock") = presence;
+        if outgrown {
+            self.rebuild_presence()?;
+        }
         Ok(active)
     }
 }
