@@ -682,8 +682,8 @@ impl Job<'_> {
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             let mut chunks = Vec::new();
-            let read = crate::chunker::chunk_stream(file, before.len(), c, |data| {
-                chunks.push((keys.chunk_id(data), data.to_vec()));
+            let read = crate::chunker::chunk_owned(file, before.len(), c, |data| {
+                chunks.push((keys.chunk_id(&data), data));
                 true
             })
             .map_err(|e| Error::io(&path, e))?;

@@ -52,6 +52,30 @@ pub fn chunk_stream<R: Read>(
     }
 }
 
+/// As [`chunk_stream`], with each chunk handed over as a buffer of its own. A stream of at most
+/// `c.min` bytes is one chunk (FastCDC never cuts below the minimum), so it is read into its own
+/// buffer and handed over without a copy; only longer streams pay a copy per chunk.
+pub fn chunk_owned<R: Read>(
+    mut reader: R,
+    size_hint: u64,
+    c: ChunkerOptions,
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> io::Result<u64> {
+    let min = u64::from(c.min);
+    let mut head = Vec::with_capacity(size_hint.min(min) as usize + 1);
+    (&mut reader).take(min + 1).read_to_end(&mut head)?;
+    if head.len() as u64 <= min {
+        let n = head.len() as u64;
+        if n > 0 {
+            emit(head);
+        }
+        return Ok(n);
+    }
+    chunk_stream(io::Cursor::new(head).chain(reader), size_hint, c, |d| {
+        emit(d.to_vec())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +128,28 @@ mod tests {
             .map(|c| c.length)
             .collect();
         assert_eq!(cuts_streamed(&d), whole);
+    }
+
+    #[test]
+    fn owned_chunks_equal_streamed_chunks() {
+        let min = opts().min as usize;
+        for len in [0, 1, min - 1, min, min + 1, 3 * min, 5 << 20] {
+            let d = data(len);
+            let mut streamed = Vec::new();
+            chunk_stream(&d[..], len as u64, opts(), |c| {
+                streamed.push(c.to_vec());
+                true
+            })
+            .unwrap();
+            let mut owned = Vec::new();
+            let n = chunk_owned(&d[..], len as u64, opts(), |c| {
+                owned.push(c);
+                true
+            })
+            .unwrap();
+            assert_eq!(n as usize, len);
+            assert_eq!(owned, streamed, "length {len}");
+        }
     }
 
     #[test]
