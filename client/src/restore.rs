@@ -2,9 +2,9 @@
 //!
 //! Every chunk is fetched from any replica, verified (the AEAD tag of the blob and the keyed
 //! chunk id of the plaintext; the node has checked the blob's BLAKE3 as it read it) and, on any
-//! error, fetched again from the next replica. Files are written to a temporary name and renamed
-//! into place; all-zero chunks become holes. Metadata
-//! (mode, owner where permitted, mtime), symlinks, hard links and empty directories are restored.
+//! error, fetched again from the next replica. A new file is written in place; one that exists is
+//! written to a temporary name and renamed over it. All-zero chunks become holes. Metadata (mode,
+//! owner where permitted, mtime), symlinks, hard links and empty directories are restored.
 //! Tree entries that could leave the target are refused when the tree is decoded.
 
 use std::collections::HashMap;
