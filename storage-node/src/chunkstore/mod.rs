@@ -173,6 +173,8 @@ struct Shared {
 struct Presence {
     bloom: Bloom<[u8; 32]>,
     capacity: u64,
+    /// Ids set in the filter, those it was built from included: past `capacity`, its false
+    /// positives exceed [`PRESENCE_FP`] and it is rebuilt.
     added: u64,
 }
 
@@ -502,7 +504,7 @@ impl Shared {
             Presence::with_capacity(self.live_chunks.load(Ordering::Relaxed), self.presence_min);
         for k in self.index.iter().keys() {
             if let Ok(id) = ChunkId::from_slice(&k?) {
-                p.bloom.set(&id.0);
+                p.add(&id);
             }
         }
         *self.presence.write().expect("presence lock") = p;
