@@ -1,6 +1,6 @@
 //! Micro-benchmark of the storage node's ingest path without the network: verification of a
 //! received blob (blake3) and durable group-committed writes into the chunk store (segment
-//! append, one fsync per group, sled index). Run: `cargo bench -p cairn-storage-node --bench store_ingest`.
+//! append, one fsync per group, fjall index). Run: `cargo bench -p cairn-storage-node --bench store_ingest`.
 
 use bytes::Bytes;
 use cairn_proto::ChunkId;

@@ -1,7 +1,7 @@
 //! Cairn's storage node: a durable content-addressed chunk store that replicates each chunk to
 //! its partition's replicas until the redundancy factor holds.
 //!
-//! - [`chunkstore`]: segment files + sled index (behind an in-memory presence filter), group
+//! - [`chunkstore`]: segment files + fjall index (behind an in-memory presence filter), group
 //!   commit, recovery, compaction;
 //! - [`membership`]: registration, heartbeats and the cached placement layout;
 //! - [`replication`]: forwarding to replicas, the persisted repair queue and its worker;

@@ -104,7 +104,7 @@ pub struct Ack {
 pub struct Replicator {
     me: Arc<Membership>,
     store: ChunkStore,
-    repair: sled::Tree,
+    repair: fjall::PartitionHandle,
     wake: Notify,
     channels: NodeChannels,
     repairs_done: std::sync::atomic::AtomicU64,
@@ -140,7 +140,7 @@ impl Replicator {
 
     /// Copies owed to other replicas.
     pub fn under_replicated(&self) -> u64 {
-        self.repair.len() as u64
+        self.repair.len().unwrap_or(0) as u64
     }
 
     /// Repairs completed since start.
@@ -325,15 +325,15 @@ impl Replicator {
     }
 
     async fn enqueue(&self, missing: &[(ChunkId, u64)]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = self.store.batch();
         let due = now_ms() + 1000;
         for (id, node) in missing {
             let mut v = [0u8; 12];
             v[8..].copy_from_slice(&0u32.to_be_bytes());
             v[..8].copy_from_slice(&due.to_be_bytes());
-            batch.insert(&repair_key(id, *node)[..], &v[..]);
+            batch.insert(&self.repair, repair_key(id, *node), v);
         }
-        self.repair.apply_batch(batch).map_err(StoreError::Index)?;
+        batch.commit()?;
         self.store.flush().await?;
         info!(count = missing.len(), "copies queued for repair");
         self.wake.notify_one();
@@ -408,14 +408,18 @@ impl Replicator {
                     let mut v = [0u8; 12];
                     v[..8].copy_from_slice(&(now + backoff.as_millis() as u64).to_be_bytes());
                     v[8..].copy_from_slice(&(tries + 1).to_be_bytes());
-                    self.repair.insert(key, &v).map_err(StoreError::Index)?;
+                    self.repair.insert(key, v).map_err(StoreError::Index)?;
                 }
             }
         }
         if done > 0 {
             self.repairs_done
                 .fetch_add(done as u64, std::sync::atomic::Ordering::Relaxed);
-            info!(repaired = done, left = self.repair.len(), "repair pass");
+            info!(
+                repaired = done,
+                left = self.under_replicated(),
+                "repair pass"
+            );
         }
         self.store.flush().await?;
         Ok(done)
@@ -433,7 +437,7 @@ impl Replicator {
                 _ = self.wake.notified() => {}
                 _ = shutdown.changed() => return,
             }
-            if self.repair.is_empty() {
+            if self.repair.is_empty().unwrap_or(false) {
                 continue;
             }
             if let Err(e) = self.repair_pass().await {
