@@ -25,7 +25,7 @@
 pub mod appender;
 pub mod segment;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Bound;
@@ -540,6 +540,15 @@ impl Shared {
         Ok(())
     }
 
+    /// Bytes of records in segment `seg` that the index no longer points to.
+    fn dead_bytes(&self, seg: u32) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(dead_key(seg))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
     fn frontier(&self) -> Result<Option<(u32, u64)>, StoreError> {
         Ok(self.meta.get(FRONTIER)?.and_then(|v| {
             let seg = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
@@ -817,30 +826,36 @@ impl Writer {
         Ok(existed)
     }
 
+    /// Drops `ids` from the index and counts their records as dead bytes of their segments, in
+    /// one atomic index batch, then makes it durable.
     fn delete(&mut self, ids: &[ChunkId]) -> Result<u64, StoreError> {
-        let mut removed = 0;
+        let mut batch = self.shared.db.batch();
+        let mut dead: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut seen = HashSet::new();
+        let (mut removed, mut bytes) = (0u64, 0u64);
         for id in ids {
-            if let Some(v) = self.shared.index.get(id.0)? {
-                self.shared.index.remove(id.0)?;
-                if let Some(loc) = Location::decode(&v) {
-                    let key = dead_key(loc.segment);
-                    let dead = self
-                        .shared
-                        .meta
-                        .get(&key)?
-                        .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-                        .unwrap_or(0);
-                    self.shared
-                        .meta
-                        .insert(key, (dead + loc.record_len()).to_be_bytes())?;
-                    self.shared
-                        .live_bytes
-                        .fetch_sub(loc.record_len(), Ordering::Relaxed);
-                    self.shared.live_chunks.fetch_sub(1, Ordering::Relaxed);
-                    removed += 1;
-                }
+            if !seen.insert(*id) {
+                continue;
+            }
+            let Some(v) = self.shared.index.get(id.0)? else {
+                continue;
+            };
+            batch.remove(&self.shared.index, id.0);
+            if let Some(loc) = Location::decode(&v) {
+                *dead.entry(loc.segment).or_default() += loc.record_len();
+                bytes += loc.record_len();
+                removed += 1;
             }
         }
+        for (seg, d) in dead {
+            let total = self.shared.dead_bytes(seg)? + d;
+            batch.insert(&self.shared.meta, dead_key(seg), total.to_be_bytes());
+        }
+        batch.commit()?;
+        self.shared.live_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.shared
+            .live_chunks
+            .fetch_sub(removed, Ordering::Relaxed);
         self.shared.persist()?;
         Ok(removed)
     }
@@ -855,12 +870,7 @@ impl Writer {
             }
             let path = seg_path(&self.shared.dir, seg);
             let size = std::fs::metadata(&path)?.len();
-            let dead = self
-                .shared
-                .meta
-                .get(dead_key(seg))?
-                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
+            let dead = self.shared.dead_bytes(seg)?;
             if size > 0 && (dead as f64 / size as f64) < min_dead {
                 continue;
             }
