@@ -189,7 +189,7 @@ impl Healer {
                     bytes += blob.len();
                     batch.push(PutChunkRequest {
                         id: Bytes::copy_from_slice(&id.0),
-                        blob: blob.into(),
+                        blob,
                         hash: Bytes::copy_from_slice(&hash),
                         replica: true,
                         layout_version,

@@ -383,7 +383,7 @@ impl Replicator {
                 match self.store.get(*id).await {
                     Ok((blob, hash)) => batch.push(PutChunkRequest {
                         id: Bytes::copy_from_slice(&id.0),
-                        blob: blob.into(),
+                        blob,
                         hash: Bytes::copy_from_slice(&hash),
                         replica: true,
                         layout_version: layout.version,

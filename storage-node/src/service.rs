@@ -81,11 +81,11 @@ fn ids(raw: &[Bytes]) -> Result<Vec<ChunkId>, Status> {
 }
 
 /// One chunk of a get stream: its blob and hash, or why this node cannot give it.
-fn get_reply(id: ChunkId, got: Result<(Vec<u8>, [u8; 32]), StoreError>) -> GetChunkReply {
+fn get_reply(id: ChunkId, got: Result<(Bytes, [u8; 32]), StoreError>) -> GetChunkReply {
     match got {
         Ok((blob, hash)) => GetChunkReply {
             id: Bytes::copy_from_slice(&id.0),
-            blob: blob.into(),
+            blob,
             hash: Bytes::copy_from_slice(&hash),
             error: String::new(),
         },

@@ -265,6 +265,36 @@ async fn flipped_bit_is_a_corruption_error_never_bad_data() {
     s.close().await;
 }
 
+/// Every read checks the record against the id asked for: an index entry is only a pointer.
+#[tokio::test]
+async fn index_entries_are_checked_against_the_record_they_point_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = item(1, 5_000);
+    let b = item(2, 5_000);
+    let s = ChunkStore::open(dir.path()).unwrap();
+    s.put(vec![a.clone(), b.clone()]).await.unwrap();
+    let loc = s.location(&a.id).unwrap().unwrap();
+    let entry = |hash: Option<&[u8; 32]>| {
+        let mut v = Vec::new();
+        v.extend_from_slice(&loc.segment.to_be_bytes());
+        v.extend_from_slice(&loc.offset.to_be_bytes());
+        v.extend_from_slice(&loc.len.to_be_bytes());
+        if let Some(h) = hash {
+            v.extend_from_slice(h);
+        }
+        v
+    };
+    let index = s.open_tree("index").unwrap();
+    // An entry as earlier versions wrote it (ending with the blob's hash) still reads.
+    index.insert(a.id.0, entry(Some(&a.hash))).unwrap();
+    assert_eq!(s.get(a.id).await.unwrap().0, a.blob.as_ref());
+    // b's entry pointing at a's record, of the same length: refused, never a's bytes.
+    index.insert(b.id.0, entry(None)).unwrap();
+    assert!(matches!(s.get(b.id).await, Err(StoreError::Corrupt(_))));
+    assert_eq!(s.get(a.id).await.unwrap().0, a.blob.as_ref());
+    s.close().await;
+}
+
 #[tokio::test]
 async fn index_rebuilds_from_segments() {
     let dir = tempfile::tempdir().unwrap();

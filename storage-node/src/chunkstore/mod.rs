@@ -2,8 +2,9 @@
 //!
 //! Blob bytes live in append-only segment files (`segments/NNNNNNNN.seg`, format in
 //! [`segment`]); a fjall keyspace (a log-structured merge tree, in `index/`) holds only the
-//! index (chunk id → segment, offset, length, blob hash) and a few counters, and the index can
-//! be rebuilt by scanning the segments. Chunk ids are random keys, which an LSM tree inserts
+//! index (chunk id → segment, offset, length) and a few counters, and the index can be rebuilt
+//! by scanning the segments. A read checks the record it finds there against the id asked for
+//! and the blob against the hash in the record's header, so an index entry is only a pointer. Chunk ids are random keys, which an LSM tree inserts
 //! cheaply: 80,000 ids in groups of 32 cost sled's B-tree 1.7 CPU-s and fjall 0.2 CPU-s.
 //!
 //! One writer thread owns the active segment. It takes every request waiting in its bounded
@@ -35,6 +36,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use cairn_proto::ChunkId;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -80,9 +82,10 @@ pub enum StoreError {
 }
 
 /// One chunk read by [`ChunkStore::get_batch`]: its id and its blob and blob hash, or why not.
-pub type Read = (ChunkId, Result<(Vec<u8>, [u8; 32]), StoreError>);
+pub type Read = (ChunkId, Result<(Bytes, [u8; 32]), StoreError>);
 
-/// Where a chunk's record is.
+/// Where a chunk's record is. The blob's hash is not repeated here: it is in the record's
+/// header, which every read checks against the id asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
     /// Segment number.
@@ -91,28 +94,25 @@ pub struct Location {
     pub offset: u64,
     /// Blob length.
     pub len: u32,
-    /// blake3 of the blob.
-    pub hash: [u8; 32],
 }
 
 impl Location {
-    fn encode(&self) -> [u8; 48] {
-        let mut b = [0u8; 48];
+    fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
         b[..4].copy_from_slice(&self.segment.to_be_bytes());
         b[4..12].copy_from_slice(&self.offset.to_be_bytes());
         b[12..16].copy_from_slice(&self.len.to_be_bytes());
-        b[16..].copy_from_slice(&self.hash);
         b
     }
+    /// Also reads the 48-byte entries of earlier versions, which ended with the blob's hash.
     fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != 48 {
+        if b.len() != 16 && b.len() != 48 {
             return None;
         }
         Some(Self {
             segment: u32::from_be_bytes(b[..4].try_into().ok()?),
             offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
             len: u32::from_be_bytes(b[12..16].try_into().ok()?),
-            hash: b[16..].try_into().ok()?,
         })
     }
     fn record_len(&self) -> u64 {
@@ -128,7 +128,7 @@ pub struct PutItem {
     /// blake3(blob), already verified by the caller.
     pub hash: [u8; 32],
     /// The blob.
-    pub blob: bytes::Bytes,
+    pub blob: Bytes,
 }
 
 /// Counters of the store.
@@ -354,7 +354,7 @@ impl ChunkStore {
 
     /// Reads and verifies a blob. A copy that fails verification is quarantined (dropped from
     /// the index, counted) and reported as [`StoreError::Corrupt`]; bad bytes are never returned.
-    pub async fn get(&self, id: ChunkId) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
+    pub async fn get(&self, id: ChunkId) -> Result<(Bytes, [u8; 32]), StoreError> {
         let mut read = self.get_batch(&[id], 0).await?;
         read.pop().map_or(Err(StoreError::NotFound(id)), |(_, r)| r)
     }
@@ -503,15 +503,15 @@ impl Shared {
         Ok(f)
     }
 
-    fn read(&self, id: &ChunkId) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
+    fn read(&self, id: &ChunkId) -> Result<(Bytes, [u8; 32]), StoreError> {
         let loc = self
             .index
             .get(id.0)?
             .and_then(|v| Location::decode(&v))
             .ok_or(StoreError::NotFound(*id))?;
         let f = self.file(loc.segment)?;
-        match segment::read_blob(&f, loc.offset, loc.len, &loc.hash) {
-            Ok(b) => Ok((b, loc.hash)),
+        match segment::read_record(&f, loc.offset, loc.len, id) {
+            Ok(r) => Ok(r),
             Err(e)
                 if e.kind() == io::ErrorKind::InvalidData
                     || e.kind() == io::ErrorKind::UnexpectedEof =>
@@ -591,7 +591,6 @@ impl Shared {
                         segment: seg,
                         offset,
                         len: header.len,
-                        hash: header.hash,
                     };
                     idx.insert(&self.index, header.id.0, loc.encode());
                     found += 1;
@@ -787,7 +786,6 @@ impl Writer {
                 segment: self.seg,
                 offset: self.out.end(),
                 len: item.blob.len() as u32,
-                hash: item.hash,
             };
             let header = segment::encode_header(&item.id, &item.hash, loc.len);
             self.out.append(&header)?;
@@ -890,11 +888,11 @@ impl Writer {
                     .and_then(|v| Location::decode(&v))
                     .is_some_and(|l| l.segment == seg && l.offset == offset);
                 if still {
-                    let blob = segment::read_blob(&file, offset, h.len, &h.hash)?;
+                    let (blob, hash) = segment::read_record(&file, offset, h.len, &h.id)?;
                     moved.push(PutItem {
                         id: h.id,
-                        hash: h.hash,
-                        blob: blob.into(),
+                        hash,
+                        blob,
                     });
                 }
             }

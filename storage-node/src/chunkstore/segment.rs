@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use bytes::Bytes;
 use cairn_proto::ChunkId;
 
 /// Marks the start of every record.
@@ -122,20 +123,30 @@ fn is_padding(file: &File, offset: u64, size: u64) -> io::Result<bool> {
     Ok(rest.iter().all(|&b| b == 0))
 }
 
-/// Reads a record's blob and verifies it; `Err(InvalidData)` if it does not match.
-pub fn read_blob(file: &File, offset: u64, len: u32, hash: &[u8; 32]) -> io::Result<Vec<u8>> {
-    let mut header = [0u8; HEADER_LEN];
-    file.read_exact_at(&mut header, offset)?;
-    let mut blob = vec![0u8; len as usize];
-    file.read_exact_at(&mut blob, offset + HEADER_LEN as u64)?;
-    let h = decode_header(&header);
-    if h.map(|h| h.hash != *hash || h.len != len).unwrap_or(true)
-        || *blake3::hash(&blob).as_bytes() != *hash
-    {
-        return Err(io::Error::new(
+/// Reads the record of chunk `id` at `offset` (header and blob in one read) and verifies it: a
+/// sound header naming `id` and `len`, and a blob matching the header's hash. Returns the blob
+/// (a view into the read buffer, not a copy) and its hash; `Err(InvalidData)` if anything does
+/// not match.
+pub fn read_record(
+    file: &File,
+    offset: u64,
+    len: u32,
+    id: &ChunkId,
+) -> io::Result<(Bytes, [u8; 32])> {
+    let mut buf = vec![0u8; HEADER_LEN + len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("header length");
+    match decode_header(header) {
+        Some(h)
+            if h.id == *id
+                && h.len == len
+                && *blake3::hash(&buf[HEADER_LEN..]).as_bytes() == h.hash =>
+        {
+            Ok((Bytes::from(buf).slice(HEADER_LEN..), h.hash))
+        }
+        _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "blob checksum mismatch",
-        ));
+            "record does not verify",
+        )),
     }
-    Ok(blob)
 }
