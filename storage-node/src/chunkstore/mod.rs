@@ -4,8 +4,9 @@
 //! [`segment`]); a fjall keyspace (a log-structured merge tree, in `index/`) holds only the
 //! index (chunk id → segment, offset, length) and a few counters, and the index can be rebuilt
 //! by scanning the segments. A read checks the record it finds there against the id asked for
-//! and the blob against the hash in the record's header, so an index entry is only a pointer. Chunk ids are random keys, which an LSM tree inserts
-//! cheaply: 80,000 ids in groups of 32 cost sled's B-tree 1.7 CPU-s and fjall 0.2 CPU-s.
+//! and the blob against the hash in the record's header, so an index entry is only a pointer.
+//! Chunk ids are random keys, which an LSM tree inserts cheaply: 80,000 ids in groups of 32
+//! cost sled's B-tree 1.7 CPU-s and fjall 0.2 CPU-s.
 //!
 //! One writer thread owns the active segment. It takes every request waiting in its bounded
 //! queue as one group, appends them, fsyncs the segment once, writes the index entries and the
