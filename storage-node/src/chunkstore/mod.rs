@@ -478,8 +478,7 @@ impl ChunkStore {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
-        let shared = self.shared.clone();
-        let _ = tokio::task::spawn_blocking(move || shared.persist()).await;
+        let _ = self.flush().await;
     }
 }
 
