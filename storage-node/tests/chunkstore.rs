@@ -4,6 +4,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
 use cairn_proto::ChunkId;
+use cairn_storage_node::chunkstore::segment::{self, Format};
 use cairn_storage_node::chunkstore::{ChunkStore, PutItem, StoreError};
 
 fn item(n: u32, size: usize) -> PutItem {
@@ -165,7 +166,8 @@ fn copy_tree(from: &Path, to: &Path) {
 async fn crash_image_keeps_data_and_padding_is_a_clean_end() {
     let dir = tempfile::tempdir().unwrap();
     let items: Vec<_> = (0..7).map(|n| item(n, 3001 + n as usize)).collect();
-    let records: u64 = items.iter().map(|i| 76 + i.blob.len() as u64).sum();
+    let header = Format::CURRENT.header_len() as u64;
+    let records: u64 = items.iter().map(|i| header + i.blob.len() as u64).sum();
     let crashed = tempfile::tempdir().unwrap();
     {
         let s = ChunkStore::open(dir.path()).unwrap();
@@ -191,7 +193,7 @@ async fn crash_image_keeps_data_and_padding_is_a_clean_end() {
     s.close().await;
     assert_eq!(
         std::fs::metadata(&seg).unwrap().len(),
-        records + 76 + 9000,
+        records + header + 9000,
         "close cuts the padding"
     );
     drop(s);
@@ -248,7 +250,7 @@ async fn flipped_bit_is_a_corruption_error_never_bad_data() {
         .write(true)
         .open(&seg)
         .unwrap();
-    let pos = loc.offset + 76 + 1234;
+    let pos = loc.offset + Format::CURRENT.header_len() as u64 + 1234;
     f.seek(SeekFrom::Start(pos)).unwrap();
     let mut b = [0u8; 1];
     std::io::Read::read_exact(&mut f, &mut b).unwrap();
@@ -349,5 +351,75 @@ async fn compaction_reclaims_deleted_space_and_keeps_live_chunks() {
     drop(s);
     let s = ChunkStore::open(dir.path()).unwrap();
     assert_eq!(s.stats().chunks as usize, big.len() - dead.len());
+    s.close().await;
+}
+
+/// A data directory written before the current segment format: its segments are read (the
+/// index rebuilt from them), new chunks go to a new segment of the current format, and
+/// compaction moves the old records into it.
+#[tokio::test]
+async fn segments_of_the_earlier_format_are_read_extended_and_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let old: Vec<_> = (0..10).map(|n| item(n, 4000 + n as usize)).collect();
+    std::fs::create_dir_all(dir.path().join("segments")).unwrap();
+    let mut seg = Vec::new();
+    for it in &old {
+        let h = segment::encode_header(Format::V1, &it.id, &it.hash, it.blob.len() as u32);
+        seg.extend_from_slice(&h);
+        seg.extend_from_slice(&it.blob);
+    }
+    let old_seg = dir.path().join("segments").join(Format::V1.file_name(0));
+    std::fs::write(&old_seg, &seg).unwrap();
+    let record = |f: Format, it: &PutItem| f.record_len(it.blob.len() as u32);
+
+    let new: Vec<_> = (10..15).map(|n| item(n, 3000)).collect();
+    {
+        let s = ChunkStore::open(dir.path()).unwrap();
+        assert_eq!(s.stats().chunks, 10);
+        let v1_bytes: u64 = old.iter().map(|i| record(Format::V1, i)).sum();
+        assert_eq!(s.stats().bytes, v1_bytes);
+        for it in &old {
+            assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
+        }
+        s.put(new.clone()).await.unwrap();
+        let v2_bytes: u64 = new.iter().map(|i| record(Format::V2, i)).sum();
+        assert_eq!(s.stats().bytes, v1_bytes + v2_bytes);
+        s.close().await;
+    }
+    assert_eq!(
+        segment_files(dir.path()),
+        vec![
+            old_seg.clone(),
+            dir.path().join("segments").join(Format::V2.file_name(1))
+        ],
+        "the old segment is left as it was, and new chunks go to a new one"
+    );
+    assert_eq!(std::fs::read(&old_seg).unwrap(), seg);
+
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(s.stats().chunks, 15);
+    let (dead, kept) = old.split_at(8);
+    s.delete(dead.iter().map(|i| i.id).collect()).await.unwrap();
+    let st = s.compact(0.5).await.unwrap();
+    assert_eq!(st.segments_removed, 1);
+    assert!(!old_seg.exists());
+    let live: u64 = kept.iter().chain(&new).map(|i| record(Format::V2, i)).sum();
+    assert_eq!(
+        s.stats().bytes,
+        live,
+        "moved records are counted in their new format"
+    );
+    for it in kept.iter().chain(&new) {
+        assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
+        assert_eq!(s.location(&it.id).unwrap().unwrap().segment, 1);
+    }
+    s.close().await;
+    drop(s);
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(s.stats().chunks, 7);
+    assert_eq!(s.stats().bytes, live);
+    for it in dead {
+        assert!(matches!(s.get(it.id).await, Err(StoreError::NotFound(_))));
+    }
     s.close().await;
 }

@@ -1,7 +1,8 @@
 //! The durable content-addressed chunk store of one storage node.
 //!
-//! Blob bytes live in append-only segment files (`segments/NNNNNNNN.seg`, format in
-//! [`segment`]); a fjall keyspace (a log-structured merge tree, in `index/`) holds only the
+//! Blob bytes live in append-only segment files (`segments/NNNNNNNN.v2.seg`; formats in
+//! [`segment`], where segments of the earlier format stay readable until compaction moves their
+//! records); a fjall keyspace (a log-structured merge tree, in `index/`) holds only the
 //! index (chunk id → segment, offset, length) and a few counters, and the index can be rebuilt
 //! by scanning the segments. A read checks the record it finds there against the id asked for
 //! and the blob against the hash in the record's header, so an index entry is only a pointer.
@@ -45,7 +46,7 @@ use tracing::{info, warn};
 use appender::Appender;
 use bloomfilter::Bloom;
 use fjall::{Batch, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
-use segment::{Scanned, HEADER_LEN};
+use segment::{Format, Scanned};
 
 /// A segment is closed and a new one started beyond this size.
 pub const SEGMENT_MAX: u64 = 256 * 1024 * 1024;
@@ -87,6 +88,12 @@ pub type Read = (ChunkId, Result<(Bytes, [u8; 32]), StoreError>);
 
 /// Where a chunk's record is. The blob's hash is not repeated here: it is in the record's
 /// header, which every read checks against the id asked for.
+///
+/// An entry is stored compactly: the tag byte [`Location::COMPACT`], then segment, offset and
+/// length as varints (8 bytes or so, where the fixed form takes 16). Entries of exactly 16 bytes
+/// are the fixed form (`segment u32 | offset u64 | len u32`, big-endian), which is also written
+/// in the rare case where the compact form would be 16 bytes long, and entries of 48 bytes are
+/// the fixed form followed by the blob's hash, as earlier versions wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
     /// Segment number.
@@ -98,26 +105,46 @@ pub struct Location {
 }
 
 impl Location {
-    fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&self.segment.to_be_bytes());
-        b[4..12].copy_from_slice(&self.offset.to_be_bytes());
-        b[12..16].copy_from_slice(&self.len.to_be_bytes());
+    /// First byte of the compact form.
+    const COMPACT: u8 = 1;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(16);
+        b.push(Self::COMPACT);
+        prost::encoding::encode_varint(u64::from(self.segment), &mut b);
+        prost::encoding::encode_varint(self.offset, &mut b);
+        prost::encoding::encode_varint(u64::from(self.len), &mut b);
+        if b.len() == 16 {
+            b.clear();
+            b.extend_from_slice(&self.segment.to_be_bytes());
+            b.extend_from_slice(&self.offset.to_be_bytes());
+            b.extend_from_slice(&self.len.to_be_bytes());
+        }
         b
     }
-    /// Also reads the 48-byte entries of earlier versions, which ended with the blob's hash.
+
     fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != 16 && b.len() != 48 {
+        if b.len() == 16 || b.len() == 48 {
+            return Some(Self {
+                segment: u32::from_be_bytes(b[..4].try_into().ok()?),
+                offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
+                len: u32::from_be_bytes(b[12..16].try_into().ok()?),
+            });
+        }
+        let (&tag, mut rest) = b.split_first()?;
+        if tag != Self::COMPACT {
+            return None;
+        }
+        let mut next = || prost::encoding::decode_varint(&mut rest).ok();
+        let (segment, offset, len) = (next()?, next()?, next()?);
+        if !rest.is_empty() {
             return None;
         }
         Some(Self {
-            segment: u32::from_be_bytes(b[..4].try_into().ok()?),
-            offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
-            len: u32::from_be_bytes(b[12..16].try_into().ok()?),
+            segment: segment.try_into().ok()?,
+            offset,
+            len: len.try_into().ok()?,
         })
-    }
-    fn record_len(&self) -> u64 {
-        HEADER_LEN as u64 + u64::from(self.len)
     }
 }
 
@@ -173,6 +200,9 @@ struct Shared {
     corrupt_found: AtomicU64,
     presence: RwLock<Presence>,
     presence_min: u64,
+    /// Segments in [`Format::V1`], as found on open; every segment written since is in
+    /// [`Format::CURRENT`]. Segment numbers are never reused, so a compacted one may stay here.
+    legacy: HashSet<u32>,
 }
 
 /// A Bloom filter over the ids in the index, sized for `capacity` ids; only the writer thread
@@ -234,8 +264,8 @@ const FRONTIER: &[u8] = b"frontier";
 const CORRUPT: &[u8] = b"corrupt_found";
 const DEAD: &[u8] = b"dead/";
 
-fn seg_path(dir: &Path, n: u32) -> PathBuf {
-    dir.join("segments").join(format!("{n:08}.seg"))
+fn seg_path(dir: &Path, n: u32, format: Format) -> PathBuf {
+    dir.join("segments").join(format.file_name(n))
 }
 
 fn dead_key(seg: u32) -> Vec<u8> {
@@ -248,16 +278,22 @@ fn fsync_dir(p: &Path) -> io::Result<()> {
     File::open(p)?.sync_all()
 }
 
-fn list_segments(dir: &Path) -> io::Result<Vec<u32>> {
+/// The segments in `dir`, in order, with their formats.
+fn list_segments(dir: &Path) -> io::Result<Vec<(u32, Format)>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir.join("segments"))? {
         let name = e?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(n) = name.strip_suffix(".seg").and_then(|n| n.parse().ok()) {
-            v.push(n);
+        if let Some(s) = Format::parse_file_name(&name.to_string_lossy()) {
+            v.push(s);
         }
     }
-    v.sort_unstable();
+    v.sort_unstable_by_key(|&(n, _)| n);
+    if let Some(w) = v.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("segment {} exists in two formats", w[0].0),
+        ));
+    }
     Ok(v)
 }
 
@@ -271,6 +307,11 @@ impl ChunkStore {
     /// (tests use a small one to exercise its rebuilds).
     pub fn open_with(dir: &Path, presence_min: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir.join("segments"))?;
+        let legacy = list_segments(dir)?
+            .into_iter()
+            .filter(|&(_, f)| f == Format::V1)
+            .map(|(n, _)| n)
+            .collect();
         // One flush and one compaction worker: the index is small next to the segments, and
         // the node's cores are for the data path.
         let db = fjall::Config::new(dir.join("index"))
@@ -290,6 +331,7 @@ impl ChunkStore {
             corrupt_found: AtomicU64::new(0),
             presence: RwLock::new(Presence::with_capacity(0, presence_min)),
             presence_min,
+            legacy,
         });
         let active = shared.recover()?;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
@@ -487,11 +529,29 @@ impl Shared {
         Ok(self.db.persist(PersistMode::SyncAll)?)
     }
 
+    /// The record format of segment `seg`.
+    fn format(&self, seg: u32) -> Format {
+        if self.legacy.contains(&seg) {
+            Format::V1
+        } else {
+            Format::CURRENT
+        }
+    }
+
+    /// Bytes the record at `loc` takes in its segment.
+    fn record_len(&self, loc: &Location) -> u64 {
+        self.format(loc.segment).record_len(loc.len)
+    }
+
+    fn seg_path(&self, seg: u32) -> PathBuf {
+        seg_path(&self.dir, seg, self.format(seg))
+    }
+
     fn file(&self, seg: u32) -> io::Result<Arc<File>> {
         if let Some(f) = self.files.read().expect("files lock").get(&seg) {
             return Ok(f.clone());
         }
-        let f = File::open(seg_path(&self.dir, seg))?;
+        let f = File::open(self.seg_path(seg))?;
         // Reads are of single records: each node serves only the chunks the client asks of it,
         // so readahead would mostly pull in records that other replicas serve.
         let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random);
@@ -510,7 +570,7 @@ impl Shared {
             .and_then(|v| Location::decode(&v))
             .ok_or(StoreError::NotFound(*id))?;
         let f = self.file(loc.segment)?;
-        match segment::read_record(&f, loc.offset, loc.len, id) {
+        match segment::read_record(&f, self.format(loc.segment), loc.offset, loc.len, id) {
             Ok(r) => Ok(r),
             Err(e)
                 if e.kind() == io::ErrorKind::InvalidData
@@ -563,7 +623,10 @@ impl Shared {
     /// header that cannot be read, which a torn unacknowledged append leaves, ends the scan and
     /// is cut. When rebuilding a lost index nothing is cut. Returns the active segment and its end.
     fn recover(&self) -> Result<(u32, u64), StoreError> {
-        let segs = list_segments(&self.dir)?;
+        let segs: Vec<u32> = list_segments(&self.dir)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         if let Some(v) = self.meta.get(CORRUPT)? {
             let n = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
             self.corrupt_found.store(n, Ordering::Relaxed);
@@ -582,10 +645,10 @@ impl Shared {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open(seg_path(&self.dir, seg))?;
+                .open(self.seg_path(seg))?;
             let from = if seg == start_seg { start_off } else { 0 };
             let mut found = 0u64;
-            let end = segment::scan(&file, from, |r| match r {
+            let end = segment::scan(&file, self.format(seg), from, |r| match r {
                 Scanned::Record { offset, header } => {
                     let loc = Location {
                         segment: seg,
@@ -637,7 +700,7 @@ impl Shared {
                 presence.add(&id);
             }
             if let Some(l) = Location::decode(&v) {
-                live += l.record_len();
+                live += self.record_len(&l);
                 chunks += 1;
             }
         }
@@ -669,8 +732,12 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, (seg, end): (u32, u64)) -> io::Result<Self> {
-        let out = Appender::open(&seg_path(&shared.dir, seg), end)?;
+    fn new(shared: Arc<Shared>, (mut seg, mut end): (u32, u64)) -> io::Result<Self> {
+        if shared.format(seg) != Format::CURRENT {
+            // Appends go to a segment of the current format only: start the next one.
+            (seg, end) = (seg + 1, 0);
+        }
+        let out = Appender::open(&seg_path(&shared.dir, seg, Format::CURRENT), end)?;
         fsync_dir(&shared.dir.join("segments"))?;
         info!(
             direct = out.is_direct(),
@@ -758,7 +825,7 @@ impl Writer {
     fn roll(&mut self) -> io::Result<()> {
         self.out.finish()?;
         self.seg += 1;
-        self.out = Appender::open(&seg_path(&self.shared.dir, self.seg), 0)?;
+        self.out = Appender::open(&seg_path(&self.shared.dir, self.seg, Format::CURRENT), 0)?;
         fsync_dir(&self.shared.dir.join("segments"))?;
         Ok(())
     }
@@ -787,10 +854,10 @@ impl Writer {
                 offset: self.out.end(),
                 len: item.blob.len() as u32,
             };
-            let header = segment::encode_header(&item.id, &item.hash, loc.len);
+            let header = segment::encode_header(Format::CURRENT, &item.id, &item.hash, loc.len);
             self.out.append(&header)?;
             self.out.append(&item.blob)?;
-            added += loc.record_len();
+            added += Format::CURRENT.record_len(loc.len);
             // A forced write moves a chunk the index holds already (compaction).
             new_chunks += u64::from(!force);
             idx.insert(&self.shared.index, item.id.0, loc.encode());
@@ -840,8 +907,9 @@ impl Writer {
             };
             batch.remove(&self.shared.index, id.0);
             if let Some(loc) = Location::decode(&v) {
-                *dead.entry(loc.segment).or_default() += loc.record_len();
-                bytes += loc.record_len();
+                let len = self.shared.record_len(&loc);
+                *dead.entry(loc.segment).or_default() += len;
+                bytes += len;
                 removed += 1;
             }
         }
@@ -862,11 +930,11 @@ impl Writer {
     /// durable and re-points the index, and only then removes the old segment files.
     fn compact(&mut self, min_dead: f64) -> Result<CompactStats, StoreError> {
         let mut stats = CompactStats::default();
-        for seg in list_segments(&self.shared.dir)? {
+        for (seg, format) in list_segments(&self.shared.dir)? {
             if seg == self.seg {
                 continue;
             }
-            let path = seg_path(&self.shared.dir, seg);
+            let path = seg_path(&self.shared.dir, seg, format);
             let size = std::fs::metadata(&path)?.len();
             let dead = self.shared.dead_bytes(seg)?;
             if size > 0 && (dead as f64 / size as f64) < min_dead {
@@ -874,7 +942,7 @@ impl Writer {
             }
             let file = File::open(&path)?;
             let mut live = Vec::new();
-            segment::scan(&file, 0, |r| {
+            segment::scan(&file, format, 0, |r| {
                 if let Scanned::Record { offset, header } = r {
                     live.push((offset, header));
                 }
@@ -888,7 +956,7 @@ impl Writer {
                     .and_then(|v| Location::decode(&v))
                     .is_some_and(|l| l.segment == seg && l.offset == offset);
                 if still {
-                    let (blob, hash) = segment::read_record(&file, offset, h.len, &h.id)?;
+                    let (blob, hash) = segment::read_record(&file, format, offset, h.len, &h.id)?;
                     moved.push(PutItem {
                         id: h.id,
                         hash,
@@ -898,13 +966,16 @@ impl Writer {
             }
             // Re-append live records; the index entry moves to the new place atomically with
             // the flush, so a crash leaves either the old or the new location, both intact.
+            // The records leave this segment's format for the current one.
+            let moved_bytes: u64 = moved
+                .iter()
+                .map(|m| format.record_len(m.blob.len() as u32))
+                .sum();
             if !moved.is_empty() {
                 self.write_group(&[&moved], true)?;
-                let bytes: u64 = moved
-                    .iter()
-                    .map(|m| HEADER_LEN as u64 + m.blob.len() as u64)
-                    .sum();
-                self.shared.live_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                self.shared
+                    .live_bytes
+                    .fetch_sub(moved_bytes, Ordering::Relaxed);
             }
             self.shared.meta.remove(dead_key(seg))?;
             self.shared.persist()?;
@@ -912,15 +983,60 @@ impl Writer {
             std::fs::remove_file(&path)?;
             fsync_dir(&self.shared.dir.join("segments"))?;
             stats.segments_removed += 1;
-            stats.bytes_reclaimed += size.saturating_sub(
-                moved
-                    .iter()
-                    .map(|m| HEADER_LEN as u64 + m.blob.len() as u64)
-                    .sum(),
-            );
+            stats.bytes_reclaimed += size.saturating_sub(moved_bytes);
         }
         Ok(stats)
     }
 }
 
 type PutItemsReply = (Vec<PutItem>, oneshot::Sender<Result<Vec<bool>, StoreError>>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_entries_are_compact_and_every_form_decodes() {
+        let cases = [
+            (0, 0, 0),
+            (3, 200 << 20, 40_000),
+            (u32::MAX, u64::MAX, u32::MAX),
+            // Whose compact form would be 16 bytes long, the length of the fixed form.
+            (1 << 28, 1 << 56, 1),
+        ];
+        for (segment, offset, len) in cases {
+            let loc = Location {
+                segment,
+                offset,
+                len,
+            };
+            let e = loc.encode();
+            assert_eq!(Location::decode(&e), Some(loc), "{loc:?}");
+            assert_ne!(e.len(), 48);
+            let mut fixed = Vec::new();
+            fixed.extend_from_slice(&segment.to_be_bytes());
+            fixed.extend_from_slice(&offset.to_be_bytes());
+            fixed.extend_from_slice(&len.to_be_bytes());
+            assert_eq!(Location::decode(&fixed), Some(loc));
+            fixed.extend_from_slice(&[0xab; 32]);
+            assert_eq!(Location::decode(&fixed), Some(loc), "with the old hash");
+        }
+        let typical = Location {
+            segment: 6,
+            offset: 221_446_144,
+            len: 13_000,
+        };
+        assert!(typical.encode().len() <= 8, "{:?}", typical.encode());
+        assert_eq!(
+            Location::decode(&[Location::COMPACT, 1, 2]),
+            None,
+            "too short"
+        );
+        assert_eq!(
+            Location::decode(&[Location::COMPACT, 1, 2, 3, 4]),
+            None,
+            "too long"
+        );
+        assert_eq!(Location::decode(&[9, 1, 2, 3]), None, "unknown tag");
+    }
+}

@@ -1,60 +1,185 @@
-//! The on-disk record format of segment files.
+//! The on-disk record formats of segment files.
 //!
-//! A segment is an append-only file of records:
-//! `MAGIC(4) | len(u32 LE) | id(32) | hash(32) | header-check(4) | blob(len)`.
-//! The header check is the first 4 bytes of blake3 over the preceding header fields, so a torn
-//! or garbled header is detected before its length is trusted; `hash` is blake3(blob), so the
-//! blob is verified on every read and scan without any key.
+//! A segment is an append-only file of records, each a header followed by its blob. Its file
+//! name tells its format; every format stays readable, and new segments are written in the
+//! newest:
+//!
+//! - [`Format::V2`], `NNNNNNNN.v2.seg`:
+//!   `len(u32 LE) | id(32) | hash(16) | header-check(4) | blob(len)`, 56 bytes of header.
+//!   `hash` is the first 16 bytes of blake3(blob) (128 bits, ample against bit rot and torn
+//!   writes); the header check is the first 4 bytes of blake3(`"CRN2"` | the preceding fields).
+//! - [`Format::V1`], `NNNNNNNN.seg`:
+//!   `MAGIC "CRN1"(4) | len(u32 LE) | id(32) | hash(32) | header-check(4) | blob(len)`, 76 bytes,
+//!   with the whole blake3(blob) and a check over the preceding fields.
+//!
+//! In both, the header check means a torn or garbled header is detected before its length is
+//! trusted, and the blob is verified against its hash on every read and scan without any key.
+//! A read returns the whole blake3(blob), computed as it verifies.
 
 use std::fs::File;
 use std::io;
+use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 
 use bytes::Bytes;
 use cairn_proto::ChunkId;
 
-/// Marks the start of every record.
+/// Marks the start of every [`Format::V1`] record.
 pub const MAGIC: [u8; 4] = *b"CRN1";
-/// Bytes before the blob.
-pub const HEADER_LEN: usize = 4 + 4 + 32 + 32 + 4;
+/// Prefixed to the fields of a [`Format::V2`] header for its check, so that a header of one
+/// format never passes as the other's.
+const V2_DOMAIN: [u8; 4] = *b"CRN2";
+/// The longest header of any format.
+const MAX_HEADER: usize = 76;
+
+/// The record format of a segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// 76-byte headers with a magic and the whole blob hash; segments written before V2.
+    V1,
+    /// 56-byte headers with a 128-bit blob hash; every new segment.
+    V2,
+}
+
+impl Format {
+    /// The format new segments are written in.
+    pub const CURRENT: Format = Format::V2;
+
+    /// Bytes before the blob.
+    pub const fn header_len(self) -> usize {
+        match self {
+            Format::V1 => 76,
+            Format::V2 => 56,
+        }
+    }
+
+    /// Bytes of blake3(blob) the header keeps.
+    const fn hash_len(self) -> usize {
+        match self {
+            Format::V1 => 32,
+            Format::V2 => 16,
+        }
+    }
+
+    /// Bytes a record of a `len`-byte blob takes.
+    pub fn record_len(self, len: u32) -> u64 {
+        self.header_len() as u64 + u64::from(len)
+    }
+
+    /// The file name of segment `n` in this format.
+    pub fn file_name(self, n: u32) -> String {
+        match self {
+            Format::V1 => format!("{n:08}.seg"),
+            Format::V2 => format!("{n:08}.v2.seg"),
+        }
+    }
+
+    /// The segment number and format a file name stands for, if it names a segment.
+    pub fn parse_file_name(name: &str) -> Option<(u32, Format)> {
+        let (n, f) = match name.strip_suffix(".v2.seg") {
+            Some(n) => (n, Format::V2),
+            None => (name.strip_suffix(".seg")?, Format::V1),
+        };
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some((n.parse().ok()?, f))
+    }
+}
 
 /// A decoded record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     /// Chunk id.
     pub id: ChunkId,
-    /// blake3 of the blob.
-    pub hash: [u8; 32],
     /// Blob length.
     pub len: u32,
+    /// The leading bytes of blake3(blob) the format keeps (the rest are zero).
+    hash: [u8; 32],
+    format: Format,
 }
 
-fn check(h: &[u8]) -> [u8; 4] {
-    let d = blake3::hash(h);
-    d.as_bytes()[..4].try_into().expect("4 bytes")
-}
-
-/// Encodes a record header.
-pub fn encode_header(id: &ChunkId, hash: &[u8; 32], len: u32) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..4].copy_from_slice(&MAGIC);
-    h[4..8].copy_from_slice(&len.to_le_bytes());
-    h[8..40].copy_from_slice(&id.0);
-    h[40..72].copy_from_slice(hash);
-    let c = check(&h[..72]);
-    h[72..76].copy_from_slice(&c);
-    h
-}
-
-/// Decodes a header; `None` if it is not a valid one.
-pub fn decode_header(h: &[u8; HEADER_LEN]) -> Option<Header> {
-    if h[..4] != MAGIC || check(&h[..72]) != h[72..76] {
-        return None;
+impl Header {
+    /// The whole blake3 of `blob` if it matches this header's hash.
+    fn verify(&self, blob: &[u8]) -> Option<[u8; 32]> {
+        let n = self.format.hash_len();
+        let h = *blake3::hash(blob).as_bytes();
+        (h[..n] == self.hash[..n]).then_some(h)
     }
+}
+
+/// An encoded header, as long as its format's.
+pub struct HeaderBytes {
+    buf: [u8; MAX_HEADER],
+    len: usize,
+}
+
+impl Deref for HeaderBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+fn check(domain: &[u8], fields: &[u8]) -> [u8; 4] {
+    let mut h = blake3::Hasher::new();
+    h.update(domain);
+    h.update(fields);
+    h.finalize().as_bytes()[..4].try_into().expect("4 bytes")
+}
+
+/// Encodes the header of a record of `len` bytes whose blob hashes to `hash`.
+pub fn encode_header(format: Format, id: &ChunkId, hash: &[u8; 32], len: u32) -> HeaderBytes {
+    let mut h = [0u8; MAX_HEADER];
+    match format {
+        Format::V1 => {
+            h[..4].copy_from_slice(&MAGIC);
+            h[4..8].copy_from_slice(&len.to_le_bytes());
+            h[8..40].copy_from_slice(&id.0);
+            h[40..72].copy_from_slice(hash);
+            let c = check(&[], &h[..72]);
+            h[72..76].copy_from_slice(&c);
+        }
+        Format::V2 => {
+            h[..4].copy_from_slice(&len.to_le_bytes());
+            h[4..36].copy_from_slice(&id.0);
+            h[36..52].copy_from_slice(&hash[..16]);
+            let c = check(&V2_DOMAIN, &h[..52]);
+            h[52..56].copy_from_slice(&c);
+        }
+    }
+    HeaderBytes {
+        buf: h,
+        len: format.header_len(),
+    }
+}
+
+/// Decodes a header of `format` from the first [`Format::header_len`] bytes of `h`; `None` if
+/// they are not a valid one.
+pub fn decode_header(format: Format, h: &[u8]) -> Option<Header> {
+    let h = h.get(..format.header_len())?;
+    let mut hash = [0u8; 32];
+    let (len, id) = match format {
+        Format::V1 => {
+            if h[..4] != MAGIC || check(&[], &h[..72]) != h[72..76] {
+                return None;
+            }
+            hash.copy_from_slice(&h[40..72]);
+            (&h[4..8], &h[8..40])
+        }
+        Format::V2 => {
+            if check(&V2_DOMAIN, &h[..52]) != h[52..56] {
+                return None;
+            }
+            hash[..16].copy_from_slice(&h[36..52]);
+            (&h[..4], &h[4..36])
+        }
+    };
     Some(Header {
-        len: u32::from_le_bytes(h[4..8].try_into().ok()?),
-        id: ChunkId(h[8..40].try_into().ok()?),
-        hash: h[40..72].try_into().ok()?,
+        id: ChunkId(id.try_into().ok()?),
+        len: u32::from_le_bytes(len.try_into().ok()?),
+        hash,
+        format,
     })
 }
 
@@ -68,10 +193,18 @@ pub enum Scanned {
     End { offset: u64, clean: bool },
 }
 
-/// Scans a segment from `offset`, calling `f` for each record, and returns where it stopped.
-pub fn scan(file: &File, mut offset: u64, mut f: impl FnMut(Scanned)) -> io::Result<Scanned> {
+/// Scans a segment of `format` from `offset`, calling `f` for each record, and returns where it
+/// stopped.
+pub fn scan(
+    file: &File,
+    format: Format,
+    mut offset: u64,
+    mut f: impl FnMut(Scanned),
+) -> io::Result<Scanned> {
     let size = file.metadata()?.len();
-    let mut header = [0u8; HEADER_LEN];
+    let header_len = format.header_len() as u64;
+    let mut header = [0u8; MAX_HEADER];
+    let header = &mut header[..format.header_len()];
     let mut blob = Vec::new();
     loop {
         if offset == size {
@@ -80,20 +213,20 @@ pub fn scan(file: &File, mut offset: u64, mut f: impl FnMut(Scanned)) -> io::Res
                 clean: true,
             });
         }
-        if offset + HEADER_LEN as u64 > size {
+        if offset + header_len > size {
             return Ok(Scanned::End {
                 offset,
                 clean: is_padding(file, offset, size)?,
             });
         }
-        file.read_exact_at(&mut header, offset)?;
-        let Some(h) = decode_header(&header) else {
+        file.read_exact_at(header, offset)?;
+        let Some(h) = decode_header(format, header) else {
             return Ok(Scanned::End {
                 offset,
                 clean: is_padding(file, offset, size)?,
             });
         };
-        let end = offset + HEADER_LEN as u64 + u64::from(h.len);
+        let end = offset + format.record_len(h.len);
         if end > size {
             return Ok(Scanned::End {
                 offset,
@@ -101,8 +234,8 @@ pub fn scan(file: &File, mut offset: u64, mut f: impl FnMut(Scanned)) -> io::Res
             });
         }
         blob.resize(h.len as usize, 0);
-        file.read_exact_at(&mut blob, offset + HEADER_LEN as u64)?;
-        if *blake3::hash(&blob).as_bytes() == h.hash {
+        file.read_exact_at(&mut blob, offset + header_len)?;
+        if h.verify(&blob).is_some() {
             f(Scanned::Record { offset, header: h });
         } else {
             f(Scanned::Corrupt { offset, header: h });
@@ -123,30 +256,90 @@ fn is_padding(file: &File, offset: u64, size: u64) -> io::Result<bool> {
     Ok(rest.iter().all(|&b| b == 0))
 }
 
-/// Reads the record of chunk `id` at `offset` (header and blob in one read) and verifies it: a
-/// sound header naming `id` and `len`, and a blob matching the header's hash. Returns the blob
-/// (a view into the read buffer, not a copy) and its hash; `Err(InvalidData)` if anything does
-/// not match.
+/// Reads the record of chunk `id` at `offset` of a segment of `format` (header and blob in one
+/// read) and verifies it: a sound header naming `id` and `len`, and a blob matching the header's
+/// hash. Returns the blob (a view into the read buffer, not a copy) and its whole blake3;
+/// `Err(InvalidData)` if anything does not match.
 pub fn read_record(
     file: &File,
+    format: Format,
     offset: u64,
     len: u32,
     id: &ChunkId,
 ) -> io::Result<(Bytes, [u8; 32])> {
-    let mut buf = vec![0u8; HEADER_LEN + len as usize];
+    let header_len = format.header_len();
+    let mut buf = vec![0u8; header_len + len as usize];
     file.read_exact_at(&mut buf, offset)?;
-    let header: &[u8; HEADER_LEN] = buf[..HEADER_LEN].try_into().expect("header length");
-    match decode_header(header) {
-        Some(h)
-            if h.id == *id
-                && h.len == len
-                && *blake3::hash(&buf[HEADER_LEN..]).as_bytes() == h.hash =>
-        {
-            Ok((Bytes::from(buf).slice(HEADER_LEN..), h.hash))
-        }
-        _ => Err(io::Error::new(
+    let hash = decode_header(format, &buf)
+        .filter(|h| h.id == *id && h.len == len)
+        .and_then(|h| h.verify(&buf[header_len..]));
+    match hash {
+        Some(hash) => Ok((Bytes::from(buf).slice(header_len..), hash)),
+        None => Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "record does not verify",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(format: Format, id: &ChunkId, blob: &[u8]) -> Vec<u8> {
+        let hash = *blake3::hash(blob).as_bytes();
+        let mut r = encode_header(format, id, &hash, blob.len() as u32).to_vec();
+        r.extend_from_slice(blob);
+        r
+    }
+
+    #[test]
+    fn both_formats_round_trip_and_neither_passes_for_the_other() {
+        let id = ChunkId([7; 32]);
+        let blob = b"some blob bytes".to_vec();
+        for (format, other) in [(Format::V1, Format::V2), (Format::V2, Format::V1)] {
+            let r = record(format, &id, &blob);
+            assert_eq!(r.len(), format.header_len() + blob.len());
+            let h = decode_header(format, &r).expect("own format decodes");
+            assert_eq!((h.id, h.len), (id, blob.len() as u32));
+            assert_eq!(
+                h.verify(&blob),
+                Some(*blake3::hash(&blob).as_bytes()),
+                "{format:?}"
+            );
+            assert_eq!(h.verify(b"some blob bytez"), None);
+            assert!(
+                decode_header(other, &r).is_none(),
+                "{format:?} as {other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_header_bit_is_never_a_header() {
+        let r = record(Format::V2, &ChunkId([9; 32]), &[1u8; 100]);
+        for bit in 0..Format::V2.header_len() * 8 {
+            let mut bad = r.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode_header(Format::V2, &bad).is_none(), "bit {bit}");
+        }
+        assert!(
+            decode_header(Format::V2, &[0u8; 56]).is_none(),
+            "zero padding"
+        );
+    }
+
+    #[test]
+    fn file_names_tell_the_format() {
+        for f in [Format::V1, Format::V2] {
+            assert_eq!(Format::parse_file_name(&f.file_name(42)), Some((42, f)));
+        }
+        assert_eq!(Format::parse_file_name("00000042.seg.tmp"), None);
+        assert_eq!(
+            Format::parse_file_name("4294967295.v2.seg"),
+            Some((u32::MAX, Format::V2))
+        );
+        assert_eq!(Format::parse_file_name(".v2.seg"), None);
+        assert_eq!(Format::parse_file_name("0000004x.v2.seg"), None);
     }
 }
