@@ -200,30 +200,34 @@ pub fn allocated(p: &Path) -> u64 {
 /// block of a file is left alone: a running node holds it (partial, zero-padded on disk) in its
 /// write buffer and rewrites it at its next group commit, which would undo a flip there.
 pub fn corrupt_records(segments: &Path, max: u64) -> u64 {
+    use cairn_storage_node::chunkstore::segment::{decode_header, Format};
     use std::os::unix::fs::FileExt;
     let mut flipped = 0;
     for e in std::fs::read_dir(segments).unwrap() {
+        let e = e.unwrap();
+        let (_, format) = Format::parse_file_name(&e.file_name().to_string_lossy())
+            .expect("only segment files in segments/");
+        let header_len = format.header_len() as u64;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(e.unwrap().path())
+            .open(e.path())
             .unwrap();
         let len = f.metadata().unwrap().len();
         let stable = len.saturating_sub(1) & !4095;
         let mut off = 0u64;
-        while off + 76 <= stable && flipped < max {
-            let mut h = [0u8; 76];
+        while off + header_len <= stable && flipped < max {
+            let mut h = vec![0u8; header_len as usize];
             f.read_exact_at(&mut h, off).unwrap();
-            assert_eq!(&h[..4], b"CRN1", "a record header");
-            let blob = u64::from(u32::from_le_bytes(h[4..8].try_into().unwrap()));
-            let at = off + 76 + blob / 2;
+            let blob = u64::from(decode_header(format, &h).expect("a record header").len);
+            let at = off + header_len + blob / 2;
             if blob > 64 && at < stable {
                 let mut b = [0u8; 1];
                 f.read_exact_at(&mut b, at).unwrap();
                 f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
                 flipped += 1;
             }
-            off += 76 + blob;
+            off += header_len + blob;
         }
     }
     flipped
