@@ -307,10 +307,11 @@ impl ChunkStore {
     /// (tests use a small one to exercise its rebuilds).
     pub fn open_with(dir: &Path, presence_min: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir.join("segments"))?;
-        let legacy = list_segments(dir)?
-            .into_iter()
-            .filter(|&(_, f)| f == Format::V1)
-            .map(|(n, _)| n)
+        let segs = list_segments(dir)?;
+        let legacy = segs
+            .iter()
+            .filter(|&&(_, f)| f == Format::V1)
+            .map(|&(n, _)| n)
             .collect();
         // One flush and one compaction worker: the index is small next to the segments, and
         // the node's cores are for the data path.
@@ -333,7 +334,7 @@ impl ChunkStore {
             presence_min,
             legacy,
         });
-        let active = shared.recover()?;
+        let active = shared.recover(segs.into_iter().map(|(n, _)| n).collect())?;
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let s = shared.clone();
         let writer = std::thread::Builder::new()
@@ -622,11 +623,8 @@ impl Shared {
     /// (the segment was fsynced, the index not yet flushed): each is indexed again; only a
     /// header that cannot be read, which a torn unacknowledged append leaves, ends the scan and
     /// is cut. When rebuilding a lost index nothing is cut. Returns the active segment and its end.
-    fn recover(&self) -> Result<(u32, u64), StoreError> {
-        let segs: Vec<u32> = list_segments(&self.dir)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+    /// `segs` are the segment numbers on disk, in order.
+    fn recover(&self, segs: Vec<u32>) -> Result<(u32, u64), StoreError> {
         if let Some(v) = self.meta.get(CORRUPT)? {
             let n = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
             self.corrupt_found.store(n, Ordering::Relaxed);

@@ -30,7 +30,7 @@ pub const MAGIC: [u8; 4] = *b"CRN1";
 /// format never passes as the other's.
 const V2_DOMAIN: [u8; 4] = *b"CRN2";
 /// The longest header of any format.
-const MAX_HEADER: usize = 76;
+const MAX_HEADER: usize = Format::V1.header_len();
 
 /// The record format of a segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
