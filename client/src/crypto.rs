@@ -7,7 +7,9 @@
 //!
 //! A blob is `version(1) | flags(1) | nonce(12) | AES-GCM(zstd(plaintext) or plaintext)`, with the
 //! chunk id as associated data, so a blob cannot be passed off under another id. Storage nodes
-//! only ever see blobs and blake3(blob).
+//! only ever see blobs and blake3(blob). A zstd frame is sealed without its 4-byte magic number,
+//! which is the same in every frame and which opening puts back (flag [`FLAG_MAGICLESS`]); blobs
+//! sealed with the magic (flag [`FLAG_ZSTD`] alone) open as well.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -19,7 +21,16 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use crate::error::{Error, Result};
 
 const BLOB_VERSION: u8 = 1;
+/// The body is a zstd frame.
 const FLAG_ZSTD: u8 = 1;
+/// The zstd frame's magic number is left out of the body.
+const FLAG_MAGICLESS: u8 = 2;
+/// The magic number that begins every zstd frame.
+const ZSTD_MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+/// `version | flags | nonce`.
+const BLOB_HEADER: usize = 14;
+/// The AES-GCM tag that ends a blob.
+const TAG: usize = 16;
 /// KDF parameters of new tenants (argon2id; memory in KiB, iterations, lanes).
 pub const KDF: &str = "argon2id:m=65536,t=2,p=1";
 
@@ -52,14 +63,28 @@ impl Cipher {
 
     /// Decrypts `ciphertext | tag`; `None` if it does not authenticate.
     fn open(&self, nonce: &[u8], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        self.open_after(&[], nonce, aad, sealed)
+    }
+
+    /// `prefix` followed by the plaintext of `ciphertext | tag` (decrypted in place, after the
+    /// prefix); `None` if it does not authenticate.
+    fn open_after(
+        &self,
+        prefix: &[u8],
+        nonce: &[u8],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Option<Vec<u8>> {
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut buf = sealed.to_vec();
+        let mut buf = Vec::with_capacity(prefix.len() + sealed.len());
+        buf.extend_from_slice(prefix);
+        buf.extend_from_slice(sealed);
         let len = self
             .0
-            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .open_in_place(nonce, Aad::from(aad), &mut buf[prefix.len()..])
             .ok()?
             .len();
-        buf.truncate(len);
+        buf.truncate(prefix.len() + len);
         Some(buf)
     }
 }
@@ -207,25 +232,38 @@ pub struct Sealer<'a> {
 impl Sealer<'_> {
     /// Compresses (when it helps) and encrypts a chunk into a blob.
     pub fn seal(&mut self, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let compressed = match self.zstd.as_mut() {
-            Some(z) => z.compress(plaintext).ok(),
-            None => None,
-        };
-        let (flags, body) = match &compressed {
-            Some(c) if c.len() < plaintext.len() => (FLAG_ZSTD, c.as_slice()),
-            _ => (0, plaintext),
-        };
+        let room = zstd::zstd_safe::compress_bound(plaintext.len()).max(plaintext.len());
+        let mut blob = Vec::with_capacity(BLOB_HEADER + room + TAG);
+        let mut flags = 0;
+        if let Some(z) = self.zstd.as_mut() {
+            // The frame goes straight into the blob, placed so that its magic number is the
+            // last 4 bytes of the header, which the nonce then overwrites.
+            let at = BLOB_HEADER - ZSTD_MAGIC.len();
+            blob.resize(at, 0);
+            let mut out = std::io::Cursor::new(blob);
+            out.set_position(at as u64);
+            let written = z.compress_to_buffer(plaintext, &mut out);
+            blob = out.into_inner();
+            if matches!(written, Ok(n) if n < plaintext.len() + ZSTD_MAGIC.len())
+                && blob[at..BLOB_HEADER] == ZSTD_MAGIC
+            {
+                flags = FLAG_ZSTD | FLAG_MAGICLESS;
+            }
+        }
+        if flags == 0 {
+            blob.clear();
+            blob.resize(BLOB_HEADER, 0);
+            blob.extend_from_slice(plaintext);
+        }
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let mut blob = Vec::with_capacity(14 + body.len() + 16);
-        blob.push(BLOB_VERSION);
-        blob.push(flags);
-        blob.extend_from_slice(&nonce);
-        blob.extend_from_slice(body);
+        blob[0] = BLOB_VERSION;
+        blob[1] = flags;
+        blob[2..BLOB_HEADER].copy_from_slice(&nonce);
         let tag = self
             .keys
             .cipher
-            .seal_in_place(nonce, &id.0, &mut blob[14..]);
+            .seal_in_place(nonce, &id.0, &mut blob[BLOB_HEADER..]);
         blob.extend_from_slice(&tag);
         Ok(blob)
     }
@@ -258,13 +296,23 @@ fn decompress(body: &[u8], max_len: usize) -> std::io::Result<Vec<u8>> {
 impl Keys {
     /// Decrypts and decompresses a blob, and checks that the plaintext has the expected id.
     pub fn open(&self, id: &ChunkId, blob: &[u8], max_len: usize) -> Result<Vec<u8>> {
-        if blob.len() < 14 + 16 || blob[0] != BLOB_VERSION {
+        if blob.len() < BLOB_HEADER + TAG || blob[0] != BLOB_VERSION {
             return Err(Error::Integrity(format!("chunk {id}: malformed blob")));
         }
         let flags = blob[1];
+        let magicless = match flags {
+            0 | FLAG_ZSTD => false,
+            f if f == FLAG_ZSTD | FLAG_MAGICLESS => true,
+            f => {
+                return Err(Error::Integrity(format!(
+                    "chunk {id}: unknown blob flags {f:#04x}"
+                )))
+            }
+        };
+        let prefix: &[u8] = if magicless { &ZSTD_MAGIC } else { &[] };
         let body = self
             .cipher
-            .open(&blob[2..14], &id.0, &blob[14..])
+            .open_after(prefix, &blob[2..BLOB_HEADER], &id.0, &blob[BLOB_HEADER..])
             .ok_or_else(|| Error::Integrity(format!("chunk {id}: authentication failed")))?;
         let plain = if flags & FLAG_ZSTD != 0 {
             decompress(&body, max_len)
@@ -315,6 +363,59 @@ mod tests {
             k.open(&other, &blob, 1 << 20).is_err(),
             "blob bound to its id"
         );
+    }
+
+    #[test]
+    fn frames_are_sealed_without_their_magic_and_blobs_with_it_still_open() {
+        let (_, k) = new_master(b"pw", FAST).unwrap();
+        let data = b"some text that compresses, some text that compresses".repeat(50);
+        let id = k.chunk_id(&data);
+        let blob = k.seal(&id, &data).unwrap();
+        assert_eq!(blob[1], FLAG_ZSTD | FLAG_MAGICLESS);
+        let frame = zstd::bulk::compress(&data, 3).unwrap();
+        assert_eq!(frame[..4], ZSTD_MAGIC);
+        assert_eq!(blob.len(), BLOB_HEADER + frame.len() - 4 + TAG);
+        assert_eq!(k.open(&id, &blob, 1 << 20).unwrap(), data);
+
+        // A blob sealed with the frame's magic number, as earlier versions did.
+        let nonce = [7u8; 12];
+        let mut old = vec![BLOB_VERSION, FLAG_ZSTD];
+        old.extend_from_slice(&nonce);
+        old.extend_from_slice(&frame);
+        let tag = k
+            .cipher
+            .seal_in_place(nonce, &id.0, &mut old[BLOB_HEADER..]);
+        old.extend_from_slice(&tag);
+        assert_eq!(k.open(&id, &old, 1 << 20).unwrap(), data);
+
+        // Flags name what the body is; any other value is refused, not guessed at.
+        for f in [FLAG_MAGICLESS, 4, 0x80] {
+            let mut bad = blob.clone();
+            bad[1] = f;
+            assert!(
+                matches!(k.open(&id, &bad, 1 << 20), Err(Error::Integrity(_))),
+                "flags {f}"
+            );
+        }
+        // An old blob's flags claiming a magicless frame fail to authenticate or decode.
+        let mut bad = old.clone();
+        bad[1] = FLAG_ZSTD | FLAG_MAGICLESS;
+        assert!(k.open(&id, &bad, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn incompressible_chunks_are_sealed_as_they_are() {
+        let (_, k) = new_master(b"pw", FAST).unwrap();
+        let mut data = vec![0u8; 100_000];
+        rand::thread_rng().fill_bytes(&mut data);
+        let id = k.chunk_id(&data);
+        let blob = k.seal(&id, &data).unwrap();
+        assert_eq!(blob[1], 0);
+        assert_eq!(blob.len(), BLOB_HEADER + data.len() + TAG);
+        assert_eq!(k.open(&id, &blob, 1 << 20).unwrap(), data);
+        let empty_id = k.chunk_id(b"");
+        let empty = k.seal(&empty_id, b"").unwrap();
+        assert_eq!(k.open(&empty_id, &empty, 1 << 20).unwrap(), b"");
     }
 
     #[test]

@@ -423,3 +423,49 @@ async fn segments_of_the_earlier_format_are_read_extended_and_compacted() {
     }
     s.close().await;
 }
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.filter(|e| e.is_ok()).count())
+}
+
+#[tokio::test]
+async fn an_idle_writer_seals_the_index_into_tables_and_drops_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let tables = dir.path().join("index/partitions/index/segments");
+    let journals = dir.path().join("index/journals");
+    let items: Vec<_> = (0..300).map(|n| item(n, 200 + n as usize)).collect();
+    {
+        let s = ChunkStore::open(dir.path()).unwrap();
+        s.put(items[..150].to_vec()).await.unwrap();
+        s.put(items[150..].to_vec()).await.unwrap();
+        assert_eq!(files_in(&tables), 0, "nothing sealed while writes come in");
+        // Sealed after the writer has been idle a few seconds; then fjall flushes the tables
+        // and deletes every journal but the active one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !(files_in(&tables) >= 1 && files_in(&journals) == 1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "index not sealed: {} tables, {} journals",
+                files_in(&tables),
+                files_in(&journals)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        for it in &items {
+            assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
+        }
+        // Writes after the seal go to the new journal and are found with the sealed ones.
+        s.delete(vec![items[0].id]).await.unwrap();
+        s.close().await;
+    }
+    let s = ChunkStore::open(dir.path()).unwrap();
+    assert_eq!(s.stats().chunks, 299);
+    assert!(matches!(
+        s.get(items[0].id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    for it in &items[1..] {
+        assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
+    }
+    s.close().await;
+}
