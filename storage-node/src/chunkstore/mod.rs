@@ -15,7 +15,7 @@
 //! (group commit). The segment is the durable copy: the writer fsyncs the index's journal at
 //! most once a second after a group (and on every delete, compaction and shutdown), not per
 //! group, which would double the fsyncs of a write. It seals the index's memtables into
-//! sorted tables after [`INDEX_SEAL_ENTRIES`] writes and when idle, so the journal stays short
+//! sorted tables after `INDEX_SEAL_ENTRIES` writes and when idle, so the journal stays short
 //! and the index takes its compact form on disk. On open, every record past the last
 //! frontier the index made durable is re-verified and indexed, so an acknowledged chunk whose
 //! index entry was not yet durable is found again; a record whose blob fails its checksum is
