@@ -539,10 +539,13 @@ impl Shared {
     }
 
     /// Seals the memtable of every partition of the index keyspace. fjall's flush worker writes
-    /// each into a sorted table (about 46 bytes an entry against 58 in the journal, and nothing
+    /// each into a sorted table (about 49 bytes an entry against 58 in the journal, and nothing
     /// to replay on open) and deletes a journal once every partition written in it is flushed.
     /// Sealing only the partition that grew is not enough: the frontier written with every
     /// group keeps the small `meta` partition in every journal, which would keep them all.
+    /// `rotate_memtable` is the call fjall's own monitor makes once the journals pass half of
+    /// their limit (512 MiB by default, and never below 24 MiB: far more than the index of a
+    /// node takes); fjall is pinned to one version in the workspace.
     fn seal_index(&self) -> Result<(), StoreError> {
         for name in self.db.list_partitions() {
             self.db
