@@ -8,8 +8,8 @@
 //! A blob is `version(1) | flags(1) | nonce(12) | AES-GCM(zstd(plaintext) or plaintext)`, with the
 //! chunk id as associated data, so a blob cannot be passed off under another id. Storage nodes
 //! only ever see blobs and blake3(blob). A zstd frame is sealed without its 4-byte magic number,
-//! which is the same in every frame and which opening puts back (flag [`FLAG_MAGICLESS`]); blobs
-//! sealed with the magic (flag [`FLAG_ZSTD`] alone) open as well.
+//! which is the same in every frame and which opening puts back (flag `FLAG_MAGICLESS`); blobs
+//! sealed with the magic (flag `FLAG_ZSTD` alone) open as well.
 
 use std::cell::RefCell;
 use std::sync::Arc;
