@@ -232,7 +232,7 @@ pub struct Sealer<'a> {
 impl Sealer<'_> {
     /// Compresses (when it helps) and encrypts a chunk into a blob.
     pub fn seal(&mut self, id: &ChunkId, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let room = zstd::zstd_safe::compress_bound(plaintext.len()).max(plaintext.len());
+        let room = zstd::zstd_safe::compress_bound(plaintext.len());
         let mut blob = Vec::with_capacity(BLOB_HEADER + room + TAG);
         let mut flags = 0;
         if let Some(z) = self.zstd.as_mut() {
