@@ -215,8 +215,14 @@ struct Measure {
     peak_rss_kb: u64,
 }
 
-/// Runs a command under GNU time; returns wall, CPU and peak RSS of the command.
+/// Runs a command under GNU time; returns wall, CPU and peak RSS of the command. Dirty pages
+/// left by the step before (a restore, the dataset written again) are flushed first, so the
+/// kernel's write-back of one step does not run on the CPU time of the next.
 fn timed(cmd: &mut Command) -> Result<Measure> {
+    let synced = Command::new("sync").status()?;
+    if !synced.success() {
+        bail!("sync failed");
+    }
     let tf = std::env::temp_dir().join(format!("cairn-bench-time-{}", std::process::id()));
     let prog = cmd.get_program().to_owned();
     let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();

@@ -5,7 +5,8 @@
 //! error, fetched again from the next replica. A new file is written in place; one that exists is
 //! written to a temporary name and renamed over it. All-zero chunks become holes. Metadata (mode,
 //! owner where permitted, mtime), symlinks, hard links and empty directories are restored.
-//! Tree entries that could leave the target are refused when the tree is decoded.
+//! Tree entries that could leave the target are refused when the tree is decoded. Large files
+//! are written past the page cache ([`direct`]).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -29,8 +30,14 @@ use crate::tree::{ChunkRef, Kind, Node, Tree};
 use cairn_proto::metadata::SnapshotRecord;
 use cairn_proto::ChunkId;
 
+mod direct;
+use direct::DirectFile;
+
 /// Chunks fetched in parallel per file.
 const FETCH_PARALLEL: usize = 4;
+/// Large files written with `O_DIRECT` at once; each holds two staging buffers, and any
+/// beyond this go through the page cache.
+const DIRECT_FILES: usize = 4;
 
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
@@ -97,6 +104,8 @@ struct Restorer<'a> {
     small: Vec<SmallFile>,
     sem: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
+    /// Slots for files written with `O_DIRECT` (see [`DIRECT_FILES`]).
+    direct: Arc<Semaphore>,
     sum: RestoreSummary,
     progress: &'a Progress,
     euid_root: bool,
@@ -229,11 +238,17 @@ impl Restorer<'_> {
                         }
                         continue;
                     }
+                    let direct = if node.size >= direct::DIRECT_MIN {
+                        self.direct.clone().try_acquire_owned().ok()
+                    } else {
+                        None
+                    };
                     let (repo, node, content) = (self.repo.clone(), node.clone(), content.clone());
                     let ctx = self.file_ctx();
                     self.tasks.spawn(async move {
                         let _permit = permit;
-                        restore_file(&repo, &node, &content, target, &ctx, None)
+                        let first = FirstChunk::Fetch { direct };
+                        restore_file(&repo, &node, &content, target, &ctx, first)
                             .await
                             .map(|d| vec![d])
                     });
@@ -341,7 +356,8 @@ async fn restore_small(
             continue;
         }
         let content = [f.chunk];
-        match restore_file(repo, &f.node, &content, f.target, ctx, Some(data)).await {
+        let first = FirstChunk::Fetched(data);
+        match restore_file(repo, &f.node, &content, f.target, ctx, first).await {
             Ok(d) => done.push(d),
             Err(e) => failed = Some(e),
         }
@@ -352,44 +368,50 @@ async fn restore_small(
     }
 }
 
-/// Restores one file into `target`; `first`, when given, is its only chunk, fetched already.
+/// How a file's content arrives.
+enum FirstChunk {
+    /// Its only chunk, fetched already (with those of other small files).
+    Fetched(Result<Vec<u8>>),
+    /// To be fetched here, chunk by chunk; written with `O_DIRECT` given a slot.
+    Fetch {
+        direct: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
+}
+
+/// Restores one file into `target`.
 async fn restore_file(
     repo: &Repository,
     node: &Node,
     content: &[ChunkRef],
     target: Target,
     ctx: &FileCtx,
-    first: Option<Result<Vec<u8>>>,
+    first: FirstChunk,
 ) -> Result<FileDone> {
     let (verify, progress) = (ctx.verify, &ctx.progress);
     let Target {
-        mut file,
+        file,
         path,
         written,
     } = target;
+    // The file is closed when this block ends, before it is renamed or removed.
     let result = async {
-        match first {
-            Some(data) => {
-                write_chunk(&mut file, &written, &content[0], &data?, progress)?;
+        let file = match first {
+            FirstChunk::Fetched(data) => {
+                let mut file = file;
+                let data = data?;
+                check_len(&content[0], &data)?;
+                write_sparse(&mut file, &data).map_err(io(&written))?;
+                progress.bytes(data.len() as u64);
                 set_length(&mut file, &written, node.size)?;
+                file
             }
-            None => {
-                write_file(
-                    repo,
-                    content,
-                    &mut file,
-                    &written,
-                    node.size,
-                    progress,
-                    &ctx.budget,
-                )
-                .await?
+            FirstChunk::Fetch { direct } => {
+                write_file(repo, content, file, &written, node.size, ctx, direct).await?
             }
-        }
+        };
         set_file_meta(node, &file, &written, ctx.euid_root)
     }
     .await;
-    drop(file);
     let skipped = match result {
         Ok(s) => s,
         Err(e) => {
@@ -418,15 +440,18 @@ fn create_new(p: &Path) -> std::io::Result<std::fs::File> {
         .open(p)
 }
 
+/// Fetches a file's chunks, a few at a time, and writes them in order; with a `direct` slot,
+/// past the page cache where the file system allows. Gives the file back at its full length.
 async fn write_file(
     repo: &Repository,
     content: &[ChunkRef],
-    f: &mut std::fs::File,
-    tmp: &Path,
+    file: std::fs::File,
+    path: &Path,
     size: u64,
-    progress: &Progress,
-    budget: &Arc<Semaphore>,
-) -> Result<()> {
+    ctx: &FileCtx,
+    direct: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<std::fs::File> {
+    let (budget, progress) = (&ctx.budget, &ctx.progress);
     let mut chunks = futures::stream::iter(content.iter().copied())
         .map(|c| async move {
             let kib = (c.len as usize).div_ceil(1024).clamp(1, INFLIGHT_KIB) as u32;
@@ -441,29 +466,40 @@ async fn write_file(
                 .map(|d| (c, d, permit))
         })
         .buffered(FETCH_PARALLEL);
+    let mut file = match direct {
+        None => file,
+        // The slot is held until the file is finished.
+        Some(_slot) => match DirectFile::new(file) {
+            Ok(mut d) => {
+                while let Some(r) = chunks.next().await {
+                    let (c, data, _permit) = r?;
+                    check_len(&c, &data)?;
+                    d.write(&data).await.map_err(io(path))?;
+                    progress.bytes(data.len() as u64);
+                }
+                return d.finish(size).await.map_err(io(path));
+            }
+            Err(file) => file,
+        },
+    };
     while let Some(r) = chunks.next().await {
         let (c, data, _permit) = r?;
-        write_chunk(f, tmp, &c, &data, progress)?;
+        check_len(&c, &data)?;
+        write_sparse(&mut file, &data).map_err(io(path))?;
+        progress.bytes(data.len() as u64);
     }
-    set_length(f, tmp, size)
+    set_length(&mut file, path, size)?;
+    Ok(file)
 }
 
-/// Writes the next chunk of a file, after checking its length against the tree's.
-fn write_chunk(
-    f: &mut std::fs::File,
-    path: &Path,
-    c: &ChunkRef,
-    data: &[u8],
-    progress: &Progress,
-) -> Result<()> {
+/// Checks a fetched chunk's length against the tree's.
+fn check_len(c: &ChunkRef, data: &[u8]) -> Result<()> {
     if data.len() != c.len as usize {
         return Err(Error::Integrity(format!(
             "chunk {} has the wrong length",
             c.id
         )));
     }
-    write_sparse(f, data).map_err(io(path))?;
-    progress.bytes(data.len() as u64);
     Ok(())
 }
 
@@ -612,6 +648,7 @@ impl Repository {
             small: Vec::new(),
             sem: Arc::new(Semaphore::new(FILES_PARALLEL)),
             bytes: Arc::new(Semaphore::new(INFLIGHT_KIB)),
+            direct: Arc::new(Semaphore::new(DIRECT_FILES)),
             sum: RestoreSummary {
                 snapshot: snap.id.clone(),
                 ..Default::default()

@@ -19,6 +19,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use aligned_vec::{ABox, ConstAlign};
 use tracing::info;
 
 /// Alignment of offsets, lengths and memory for direct writes (covers 512 and 4096-byte devices).
@@ -26,23 +27,11 @@ pub const BLOCK: usize = 4096;
 /// Size of the staging buffer: data is written in pieces of this size.
 const STAGE: usize = 4 * 1024 * 1024;
 
-/// A fixed, zero-initialised buffer whose usable part starts at a [`BLOCK`] boundary.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-}
+/// The staging buffer: memory aligned to [`BLOCK`], [`STAGE`] bytes long, zero-initialised.
+type AlignedBuf = ABox<[u8], ConstAlign<BLOCK>>;
 
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + BLOCK];
-        let start = raw.as_ptr().align_offset(BLOCK);
-        assert!(start < BLOCK, "cannot align the staging buffer");
-        Self { raw, start }
-    }
-    fn get(&mut self) -> &mut [u8] {
-        let end = self.raw.len() - BLOCK + self.start;
-        &mut self.raw[self.start..end]
-    }
+fn aligned_buf() -> AlignedBuf {
+    aligned_vec::avec![[BLOCK]| 0u8; STAGE].into_boxed_slice()
 }
 
 /// The writer's handle on the active segment.
@@ -83,9 +72,9 @@ impl Appender {
         };
         let base = end / BLOCK as u64 * BLOCK as u64;
         let len = (end - base) as usize;
-        let mut buf = AlignedBuf::new(STAGE);
+        let mut buf = aligned_buf();
         if len > 0 {
-            File::open(path)?.read_exact_at(&mut buf.get()[..len], base)?;
+            File::open(path)?.read_exact_at(&mut buf[..len], base)?;
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -112,7 +101,7 @@ impl Appender {
         while !data.is_empty() {
             let n = (STAGE - self.len).min(data.len());
             let at = self.len;
-            self.buf.get()[at..at + n].copy_from_slice(&data[..n]);
+            self.buf[at..at + n].copy_from_slice(&data[..n]);
             self.len += n;
             data = &data[n..];
             if self.len == STAGE {
@@ -129,11 +118,11 @@ impl Appender {
         if self.len > 0 {
             let padded = round_up(self.len);
             let len = self.len;
-            self.buf.get()[len..padded].fill(0);
+            self.buf[len..padded].fill(0);
             self.write_blocks(padded)?;
             let full = len / BLOCK * BLOCK;
             if full > 0 {
-                self.buf.get().copy_within(full..len, 0);
+                self.buf.copy_within(full..len, 0);
                 self.base += full as u64;
                 self.len -= full;
             }
@@ -151,7 +140,7 @@ impl Appender {
     fn write_blocks(&mut self, n: usize) -> io::Result<()> {
         let base = self.base;
         let r = {
-            let buf = &self.buf.get()[..n];
+            let buf = &self.buf[..n];
             self.file.write_all_at(buf, base)
         };
         match r {
@@ -159,7 +148,7 @@ impl Appender {
                 info!(path = %self.path.display(), "O_DIRECT write refused; using buffered writes");
                 self.file = open_file(&self.path, false)?;
                 self.direct = false;
-                let buf = &self.buf.get()[..n];
+                let buf = &self.buf[..n];
                 self.file.write_all_at(buf, base)
             }
             r => r,
