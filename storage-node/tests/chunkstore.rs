@@ -354,56 +354,73 @@ async fn compaction_reclaims_deleted_space_and_keeps_live_chunks() {
     s.close().await;
 }
 
-/// A data directory written before the current segment format: its segments are read (the
-/// index rebuilt from them), new chunks go to a new segment of the current format, and
+/// A data directory written in earlier segment formats (one segment of each): its segments are
+/// read (the index rebuilt from them), new chunks go to a new segment of the current format, and
 /// compaction moves the old records into it.
 #[tokio::test]
-async fn segments_of_the_earlier_format_are_read_extended_and_compacted() {
+async fn segments_of_earlier_formats_are_read_extended_and_compacted() {
     let dir = tempfile::tempdir().unwrap();
     let old: Vec<_> = (0..10).map(|n| item(n, 4000 + n as usize)).collect();
     std::fs::create_dir_all(dir.path().join("segments")).unwrap();
-    let mut seg = Vec::new();
-    for it in &old {
-        let h = segment::encode_header(Format::V1, &it.id, &it.hash, it.blob.len() as u32);
-        seg.extend_from_slice(&h);
-        seg.extend_from_slice(&it.blob);
+    let mut old_segs = Vec::new();
+    for (n, (format, items)) in [(Format::V1, &old[..5]), (Format::V2, &old[5..])]
+        .into_iter()
+        .enumerate()
+    {
+        let mut seg = Vec::new();
+        for it in items {
+            let h = segment::encode_header(format, &it.id, &it.hash, it.blob.len() as u32);
+            seg.extend_from_slice(&h);
+            seg.extend_from_slice(&it.blob);
+        }
+        let path = dir.path().join("segments").join(format.file_name(n as u32));
+        std::fs::write(&path, &seg).unwrap();
+        old_segs.push((path, seg));
     }
-    let old_seg = dir.path().join("segments").join(Format::V1.file_name(0));
-    std::fs::write(&old_seg, &seg).unwrap();
     let record = |f: Format, it: &PutItem| f.record_len(it.blob.len() as u32);
+    let old_bytes: u64 = old[..5].iter().map(|i| record(Format::V1, i)).sum::<u64>()
+        + old[5..].iter().map(|i| record(Format::V2, i)).sum::<u64>();
 
     let new: Vec<_> = (10..15).map(|n| item(n, 3000)).collect();
     {
         let s = ChunkStore::open(dir.path()).unwrap();
         assert_eq!(s.stats().chunks, 10);
-        let v1_bytes: u64 = old.iter().map(|i| record(Format::V1, i)).sum();
-        assert_eq!(s.stats().bytes, v1_bytes);
+        assert_eq!(s.stats().bytes, old_bytes);
         for it in &old {
             assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
         }
         s.put(new.clone()).await.unwrap();
-        let v2_bytes: u64 = new.iter().map(|i| record(Format::V2, i)).sum();
-        assert_eq!(s.stats().bytes, v1_bytes + v2_bytes);
+        let new_bytes: u64 = new.iter().map(|i| record(Format::CURRENT, i)).sum();
+        assert_eq!(s.stats().bytes, old_bytes + new_bytes);
         s.close().await;
     }
+    assert_eq!(Format::CURRENT, Format::V3);
+    let current_seg = dir.path().join("segments").join(Format::V3.file_name(2));
     assert_eq!(
         segment_files(dir.path()),
         vec![
-            old_seg.clone(),
-            dir.path().join("segments").join(Format::V2.file_name(1))
+            old_segs[0].0.clone(),
+            old_segs[1].0.clone(),
+            current_seg.clone()
         ],
-        "the old segment is left as it was, and new chunks go to a new one"
+        "the old segments are left as they were, and new chunks go to a new one"
     );
-    assert_eq!(std::fs::read(&old_seg).unwrap(), seg);
+    for (path, bytes) in &old_segs {
+        assert_eq!(&std::fs::read(path).unwrap(), bytes);
+    }
 
     let s = ChunkStore::open(dir.path()).unwrap();
     assert_eq!(s.stats().chunks, 15);
     let (dead, kept) = old.split_at(8);
     s.delete(dead.iter().map(|i| i.id).collect()).await.unwrap();
     let st = s.compact(0.5).await.unwrap();
-    assert_eq!(st.segments_removed, 1);
-    assert!(!old_seg.exists());
-    let live: u64 = kept.iter().chain(&new).map(|i| record(Format::V2, i)).sum();
+    assert_eq!(st.segments_removed, 2);
+    assert!(old_segs.iter().all(|(p, _)| !p.exists()));
+    let live: u64 = kept
+        .iter()
+        .chain(&new)
+        .map(|i| record(Format::CURRENT, i))
+        .sum();
     assert_eq!(
         s.stats().bytes,
         live,
@@ -411,7 +428,7 @@ async fn segments_of_the_earlier_format_are_read_extended_and_compacted() {
     );
     for it in kept.iter().chain(&new) {
         assert_eq!(s.get(it.id).await.unwrap().0, it.blob.as_ref());
-        assert_eq!(s.location(&it.id).unwrap().unwrap().segment, 1);
+        assert_eq!(s.location(&it.id).unwrap().unwrap().segment, 2);
     }
     s.close().await;
     drop(s);

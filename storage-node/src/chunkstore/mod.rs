@@ -1,7 +1,7 @@
 //! The durable content-addressed chunk store of one storage node.
 //!
-//! Blob bytes live in append-only segment files (`segments/NNNNNNNN.v2.seg`; formats in
-//! [`segment`], where segments of the earlier format stay readable until compaction moves their
+//! Blob bytes live in append-only segment files (`segments/NNNNNNNN.v3.seg`; formats in
+//! [`segment`], where segments of earlier formats stay readable until compaction moves their
 //! records); a fjall keyspace (a log-structured merge tree, in `index/`) holds only the
 //! index (chunk id → segment, offset, length) and a few counters, and the index can be rebuilt
 //! by scanning the segments. A read checks the record it finds there against the id asked for
@@ -208,9 +208,10 @@ struct Shared {
     corrupt_found: AtomicU64,
     presence: RwLock<Presence>,
     presence_min: u64,
-    /// Segments in [`Format::V1`], as found on open; every segment written since is in
-    /// [`Format::CURRENT`]. Segment numbers are never reused, so a compacted one may stay here.
-    legacy: HashSet<u32>,
+    /// Segments in an earlier format than [`Format::CURRENT`], as found on open; every segment
+    /// written since is in the current one. Segment numbers are never reused, so a compacted one
+    /// may stay here.
+    legacy: HashMap<u32, Format>,
 }
 
 /// A Bloom filter over the ids in the index, sized for `capacity` ids; only the writer thread
@@ -318,8 +319,8 @@ impl ChunkStore {
         let segs = list_segments(dir)?;
         let legacy = segs
             .iter()
-            .filter(|&&(_, f)| f == Format::V1)
-            .map(|&(n, _)| n)
+            .filter(|&&(_, f)| f != Format::CURRENT)
+            .copied()
             .collect();
         // One flush and one compaction worker: the index is small next to the segments, and
         // the node's cores are for the data path.
@@ -557,11 +558,7 @@ impl Shared {
 
     /// The record format of segment `seg`.
     fn format(&self, seg: u32) -> Format {
-        if self.legacy.contains(&seg) {
-            Format::V1
-        } else {
-            Format::CURRENT
-        }
+        self.legacy.get(&seg).copied().unwrap_or(Format::CURRENT)
     }
 
     /// Bytes the record at `loc` takes in its segment.

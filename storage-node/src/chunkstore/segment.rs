@@ -4,15 +4,20 @@
 //! name tells its format; every format stays readable, and new segments are written in the
 //! newest:
 //!
-//! - [`Format::V2`], `NNNNNNNN.v2.seg`:
-//!   `len(u32 LE) | id(32) | hash(16) | header-check(4) | blob(len)`, 56 bytes of header.
-//!   `hash` is the first 16 bytes of blake3(blob) (128 bits, ample against bit rot and torn
-//!   writes); the header check is the first 4 bytes of blake3(`"CRN2"` | the preceding fields).
+//! - [`Format::V3`], `NNNNNNNN.v3.seg`:
+//!   `len(u32 LE) | id(32) | hash(8) | header-check(4) | blob(len)`, 48 bytes of header.
+//!   `hash` is the first 8 bytes of blake3(blob): the node's own check against bit rot and torn
+//!   writes, where 64 bits miss one corruption in 2^64 (storage systems commonly use a 32-bit
+//!   CRC for this). The end-to-end check is the client's: the AES-GCM tag of the blob and the
+//!   keyed chunk id of its plaintext. The header check is the first 4 bytes of
+//!   blake3(`"CRN3"` | the preceding fields).
+//! - [`Format::V2`], `NNNNNNNN.v2.seg`: the same with the first 16 bytes of blake3(blob) and
+//!   `"CRN2"` in the header check, 56 bytes.
 //! - [`Format::V1`], `NNNNNNNN.seg`:
 //!   `MAGIC "CRN1"(4) | len(u32 LE) | id(32) | hash(32) | header-check(4) | blob(len)`, 76 bytes,
 //!   with the whole blake3(blob) and a check over the preceding fields.
 //!
-//! In both, the header check means a torn or garbled header is detected before its length is
+//! In all, the header check means a torn or garbled header is detected before its length is
 //! trusted, and the blob is verified against its hash on every read and scan without any key.
 //! A read returns the whole blake3(blob), computed as it verifies.
 
@@ -27,8 +32,10 @@ use cairn_proto::ChunkId;
 /// Marks the start of every [`Format::V1`] record.
 pub const MAGIC: [u8; 4] = *b"CRN1";
 /// Prefixed to the fields of a [`Format::V2`] header for its check, so that a header of one
-/// format never passes as the other's.
+/// format never passes as another's.
 const V2_DOMAIN: [u8; 4] = *b"CRN2";
+/// The same for [`Format::V3`].
+const V3_DOMAIN: [u8; 4] = *b"CRN3";
 /// The longest header of any format.
 const MAX_HEADER: usize = Format::V1.header_len();
 
@@ -37,19 +44,22 @@ const MAX_HEADER: usize = Format::V1.header_len();
 pub enum Format {
     /// 76-byte headers with a magic and the whole blob hash; segments written before V2.
     V1,
-    /// 56-byte headers with a 128-bit blob hash; every new segment.
+    /// 56-byte headers with a 128-bit blob hash; segments written before V3.
     V2,
+    /// 48-byte headers with a 64-bit blob hash; every new segment.
+    V3,
 }
 
 impl Format {
     /// The format new segments are written in.
-    pub const CURRENT: Format = Format::V2;
+    pub const CURRENT: Format = Format::V3;
 
     /// Bytes before the blob.
     pub const fn header_len(self) -> usize {
         match self {
             Format::V1 => 76,
             Format::V2 => 56,
+            Format::V3 => 48,
         }
     }
 
@@ -58,6 +68,16 @@ impl Format {
         match self {
             Format::V1 => 32,
             Format::V2 => 16,
+            Format::V3 => 8,
+        }
+    }
+
+    /// What a header's check begins with (V1 has its magic instead).
+    const fn domain(self) -> &'static [u8] {
+        match self {
+            Format::V1 => &[],
+            Format::V2 => &V2_DOMAIN,
+            Format::V3 => &V3_DOMAIN,
         }
     }
 
@@ -71,14 +91,18 @@ impl Format {
         match self {
             Format::V1 => format!("{n:08}.seg"),
             Format::V2 => format!("{n:08}.v2.seg"),
+            Format::V3 => format!("{n:08}.v3.seg"),
         }
     }
 
     /// The segment number and format a file name stands for, if it names a segment.
     pub fn parse_file_name(name: &str) -> Option<(u32, Format)> {
-        let (n, f) = match name.strip_suffix(".v2.seg") {
-            Some(n) => (n, Format::V2),
-            None => (name.strip_suffix(".seg")?, Format::V1),
+        let (n, f) = if let Some(n) = name.strip_suffix(".v3.seg") {
+            (n, Format::V3)
+        } else if let Some(n) = name.strip_suffix(".v2.seg") {
+            (n, Format::V2)
+        } else {
+            (name.strip_suffix(".seg")?, Format::V1)
         };
         if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
             return None;
@@ -140,12 +164,13 @@ pub fn encode_header(format: Format, id: &ChunkId, hash: &[u8; 32], len: u32) ->
             let c = check(&[], &h[..72]);
             h[72..76].copy_from_slice(&c);
         }
-        Format::V2 => {
+        Format::V2 | Format::V3 => {
+            let end = 36 + format.hash_len();
             h[..4].copy_from_slice(&len.to_le_bytes());
             h[4..36].copy_from_slice(&id.0);
-            h[36..52].copy_from_slice(&hash[..16]);
-            let c = check(&V2_DOMAIN, &h[..52]);
-            h[52..56].copy_from_slice(&c);
+            h[36..end].copy_from_slice(&hash[..format.hash_len()]);
+            let c = check(format.domain(), &h[..end]);
+            h[end..end + 4].copy_from_slice(&c);
         }
     }
     HeaderBytes {
@@ -167,11 +192,12 @@ pub fn decode_header(format: Format, h: &[u8]) -> Option<Header> {
             hash.copy_from_slice(&h[40..72]);
             (&h[4..8], &h[8..40])
         }
-        Format::V2 => {
-            if check(&V2_DOMAIN, &h[..52]) != h[52..56] {
+        Format::V2 | Format::V3 => {
+            let end = 36 + format.hash_len();
+            if check(format.domain(), &h[..end]) != h[end..end + 4] {
                 return None;
             }
-            hash[..16].copy_from_slice(&h[36..52]);
+            hash[..format.hash_len()].copy_from_slice(&h[36..end]);
             (&h[..4], &h[4..36])
         }
     };
@@ -294,10 +320,14 @@ mod tests {
     }
 
     #[test]
-    fn both_formats_round_trip_and_neither_passes_for_the_other() {
+    fn every_format_round_trips_and_none_passes_for_another() {
         let id = ChunkId([7; 32]);
         let blob = b"some blob bytes".to_vec();
-        for (format, other) in [(Format::V1, Format::V2), (Format::V2, Format::V1)] {
+        let all = [Format::V1, Format::V2, Format::V3];
+        for (format, other) in all
+            .iter()
+            .flat_map(|&f| all.iter().filter(move |&&o| o != f).map(move |&o| (f, o)))
+        {
             let r = record(format, &id, &blob);
             assert_eq!(r.len(), format.header_len() + blob.len());
             let h = decode_header(format, &r).expect("own format decodes");
@@ -317,21 +347,26 @@ mod tests {
 
     #[test]
     fn a_flipped_header_bit_is_never_a_header() {
-        let r = record(Format::V2, &ChunkId([9; 32]), &[1u8; 100]);
-        for bit in 0..Format::V2.header_len() * 8 {
-            let mut bad = r.clone();
-            bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(decode_header(Format::V2, &bad).is_none(), "bit {bit}");
+        for format in [Format::V2, Format::V3] {
+            let r = record(format, &ChunkId([9; 32]), &[1u8; 100]);
+            for bit in 0..format.header_len() * 8 {
+                let mut bad = r.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                assert!(
+                    decode_header(format, &bad).is_none(),
+                    "{format:?} bit {bit}"
+                );
+            }
+            assert!(
+                decode_header(format, &[0u8; MAX_HEADER]).is_none(),
+                "{format:?} zero padding"
+            );
         }
-        assert!(
-            decode_header(Format::V2, &[0u8; 56]).is_none(),
-            "zero padding"
-        );
     }
 
     #[test]
     fn file_names_tell_the_format() {
-        for f in [Format::V1, Format::V2] {
+        for f in [Format::V1, Format::V2, Format::V3] {
             assert_eq!(Format::parse_file_name(&f.file_name(42)), Some((42, f)));
         }
         assert_eq!(Format::parse_file_name("00000042.seg.tmp"), None);
@@ -339,7 +374,12 @@ mod tests {
             Format::parse_file_name("4294967295.v2.seg"),
             Some((u32::MAX, Format::V2))
         );
+        assert_eq!(
+            Format::parse_file_name("00000007.v3.seg"),
+            Some((7, Format::V3))
+        );
         assert_eq!(Format::parse_file_name(".v2.seg"), None);
+        assert_eq!(Format::parse_file_name(".v3.seg"), None);
         assert_eq!(Format::parse_file_name("0000004x.v2.seg"), None);
     }
 }
