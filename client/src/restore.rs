@@ -398,10 +398,7 @@ async fn restore_file(
         let file = match first {
             FirstChunk::Fetched(data) => {
                 let mut file = file;
-                let data = data?;
-                check_len(&content[0], &data)?;
-                write_sparse(&mut file, &data).map_err(io(&written))?;
-                progress.bytes(data.len() as u64);
+                write_chunk(&mut file, &written, &content[0], &data?, progress)?;
                 set_length(&mut file, &written, node.size)?;
                 file
             }
@@ -484,9 +481,7 @@ async fn write_file(
     };
     while let Some(r) = chunks.next().await {
         let (c, data, _permit) = r?;
-        check_len(&c, &data)?;
-        write_sparse(&mut file, &data).map_err(io(path))?;
-        progress.bytes(data.len() as u64);
+        write_chunk(&mut file, path, &c, &data, progress)?;
     }
     set_length(&mut file, path, size)?;
     Ok(file)
@@ -500,6 +495,20 @@ fn check_len(c: &ChunkRef, data: &[u8]) -> Result<()> {
             c.id
         )));
     }
+    Ok(())
+}
+
+/// Writes the next chunk of a file through the page cache, after checking its length.
+fn write_chunk(
+    f: &mut std::fs::File,
+    path: &Path,
+    c: &ChunkRef,
+    data: &[u8],
+    progress: &Progress,
+) -> Result<()> {
+    check_len(c, data)?;
+    write_sparse(f, data).map_err(io(path))?;
+    progress.bytes(data.len() as u64);
     Ok(())
 }
 
