@@ -235,6 +235,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_refused_direct_write_is_made_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_here = supports_direct(dir.path());
+        let p = dir.path().join("f");
+        let file = File::create_new(&p).unwrap();
+        if direct_here {
+            let fl = fcntl_getfl(&file).unwrap();
+            fcntl_setfl(&file, fl | OFlags::DIRECT).unwrap();
+        }
+        // 17 bytes at offset 3: not block-aligned, which a direct write refuses with EINVAL.
+        write_at(&file, b"not block-aligned", 3).unwrap();
+        assert!(!fcntl_getfl(&file).unwrap().contains(OFlags::DIRECT));
+        assert_eq!(std::fs::read(&p).unwrap(), b"\0\0\0not block-aligned");
+    }
+
+    #[test]
+    fn a_file_that_refuses_direct_io_is_given_back() {
+        // A socket has no direct I/O: setting O_DIRECT on it fails as on such a file system.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let file = File::from(std::os::fd::OwnedFd::from(a));
+        assert!(DirectFile::new(file).is_err());
+    }
+
     #[tokio::test]
     async fn zero_blocks_become_holes() {
         let dir = tempfile::tempdir().unwrap();
