@@ -196,13 +196,29 @@ pub fn allocated(p: &Path) -> u64 {
 }
 
 /// Flips one byte in the middle of the blob of up to `max` records (of more than 64 bytes) in
-/// the segment files under `segments`; returns how many records it corrupted. The last 4 KiB
-/// block of a file is left alone: a running node holds it (partial, zero-padded on disk) in its
-/// write buffer and rewrites it at its next group commit, which would undo a flip there.
+/// the segment files under `segments`; returns how many records it corrupted.
 pub fn corrupt_records(segments: &Path, max: u64) -> u64 {
+    let mut left = max;
+    let (flipped, _) = corrupt_where(segments, |_| {
+        let take = left > 0;
+        left = left.saturating_sub(1);
+        take
+    });
+    flipped.len() as u64
+}
+
+/// Flips one byte in the middle of the blob of each record that `pick` chooses, among those of
+/// more than 64 bytes, in the segment files under `segments`. The last 4 KiB block of a file is
+/// left alone: a running node holds it (partial, zero-padded on disk) in its write buffer and
+/// rewrites it at its next group commit, which would undo a flip there. Returns the ids of the
+/// records flipped and of every record left as it was.
+pub fn corrupt_where(
+    segments: &Path,
+    mut pick: impl FnMut(&cairn_storage_node::chunkstore::segment::Header) -> bool,
+) -> (Vec<cairn_proto::ChunkId>, Vec<cairn_proto::ChunkId>) {
     use cairn_storage_node::chunkstore::segment::{decode_header, Format};
     use std::os::unix::fs::FileExt;
-    let mut flipped = 0;
+    let (mut flipped, mut kept) = (Vec::new(), Vec::new());
     for e in std::fs::read_dir(segments).unwrap() {
         let e = e.unwrap();
         let (_, format) = Format::parse_file_name(&e.file_name().to_string_lossy())
@@ -216,19 +232,25 @@ pub fn corrupt_records(segments: &Path, max: u64) -> u64 {
         let len = f.metadata().unwrap().len();
         let stable = len.saturating_sub(1) & !4095;
         let mut off = 0u64;
-        while off + header_len <= stable && flipped < max {
-            let mut h = vec![0u8; header_len as usize];
+        let mut h = vec![0u8; header_len as usize];
+        while off + header_len <= len {
             f.read_exact_at(&mut h, off).unwrap();
-            let blob = u64::from(decode_header(format, &h).expect("a record header").len);
+            // Past the last record: the zero padding of the last block.
+            let Some(header) = decode_header(format, &h) else {
+                break;
+            };
+            let blob = u64::from(header.len);
             let at = off + header_len + blob / 2;
-            if blob > 64 && at < stable {
+            if blob > 64 && at < stable && pick(&header) {
                 let mut b = [0u8; 1];
                 f.read_exact_at(&mut b, at).unwrap();
                 f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
-                flipped += 1;
+                flipped.push(header.id);
+            } else {
+                kept.push(header.id);
             }
             off += header_len + blob;
         }
     }
-    flipped
+    (flipped, kept)
 }
