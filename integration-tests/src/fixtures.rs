@@ -235,8 +235,9 @@ pub fn corrupt_where(
         let mut h = vec![0u8; header_len as usize];
         while off + header_len <= len {
             f.read_exact_at(&mut h, off).unwrap();
-            // Past the last record: the zero padding of the last block.
             let Some(header) = decode_header(format, &h) else {
+                // Only the zero padding of the last block may follow the last record.
+                assert!(off >= stable, "a record header at {off} in {:?}", e.path());
                 break;
             };
             let blob = u64::from(header.len);

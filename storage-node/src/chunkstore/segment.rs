@@ -161,7 +161,7 @@ pub fn encode_header(format: Format, id: &ChunkId, hash: &[u8; 32], len: u32) ->
             h[4..8].copy_from_slice(&len.to_le_bytes());
             h[8..40].copy_from_slice(&id.0);
             h[40..72].copy_from_slice(hash);
-            let c = check(&[], &h[..72]);
+            let c = check(format.domain(), &h[..72]);
             h[72..76].copy_from_slice(&c);
         }
         Format::V2 | Format::V3 => {
@@ -186,7 +186,7 @@ pub fn decode_header(format: Format, h: &[u8]) -> Option<Header> {
     let mut hash = [0u8; 32];
     let (len, id) = match format {
         Format::V1 => {
-            if h[..4] != MAGIC || check(&[], &h[..72]) != h[72..76] {
+            if h[..4] != MAGIC || check(format.domain(), &h[..72]) != h[72..76] {
                 return None;
             }
             hash.copy_from_slice(&h[40..72]);
