@@ -265,6 +265,9 @@ impl Sealer<'_> {
             .cipher
             .seal_in_place(nonce, &id.0, &mut blob[BLOB_HEADER..]);
         blob.extend_from_slice(&tag);
+        // The buffer had room for an incompressible chunk; a compressed one gives the rest
+        // back, so that a batch waiting for its upload holds what it sends, not four times it.
+        blob.shrink_to_fit();
         Ok(blob)
     }
 }

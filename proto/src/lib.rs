@@ -25,6 +25,7 @@ pub mod chunk {
     tonic::include_proto!("cairn.chunk");
 }
 
+pub mod codec;
 pub mod coord_client;
 pub mod transport;
 

@@ -20,8 +20,9 @@ use crate::replication::{validate, ReplError, Replicator};
 
 /// Most ids one has/get request may name.
 pub const MAX_IDS: usize = 10_000;
-/// Most chunks handled as one group of a put stream.
-const PUT_GROUP: usize = 64;
+/// Most chunks handled as one group of a put stream (one write group, one `fsync`): a client's
+/// batch of small files sends a primary a few hundred.
+const PUT_GROUP: usize = 256;
 /// Most bytes handled as one group of a put stream.
 const PUT_GROUP_BYTES: usize = 32 * 1024 * 1024;
 /// Most chunks of a get stream read by one blocking task.
