@@ -882,8 +882,22 @@ fn tune_malloc() {
     }
 }
 
+/// Lets the process keep open as many files as its hard limit allows, up to 65,536, as Go
+/// programs do: a restore keeps up to about a thousand files open while their chunks are
+/// fetched, and many systems start processes with a soft limit of 1,024.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(1 << 16);
+        if soft < want {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_malloc();
+    raise_open_files_limit();
     // A reader that goes away (`cairn snapshots | head`) ends the output quietly, as in other
     // Unix tools, instead of a panic report.
     let default_hook = std::panic::take_hook();

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_server::ChunkStore as ChunkStoreRpc;
 use cairn_proto::chunk::*;
 use cairn_proto::ChunkId;
-use futures::{FutureExt, Stream};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,8 +25,9 @@ pub const MAX_IDS: usize = 10_000;
 const PUT_GROUP: usize = 256;
 /// Most bytes handled as one group of a put stream.
 const PUT_GROUP_BYTES: usize = 32 * 1024 * 1024;
-/// Most chunks of a get stream read by one blocking task.
-const READ_BATCH_CHUNKS: usize = 64;
+/// Most chunks of a get stream read by one blocking task (a client restoring small files asks
+/// a node for about a hundred at a time).
+const READ_BATCH_CHUNKS: usize = 256;
 /// A get stream's blocking read stops after this many bytes.
 const READ_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -184,9 +185,10 @@ impl ChunkStoreRpc for ChunkService {
         let ids = ids(&req.into_inner().ids)?;
         let store = self.store.clone();
         let healer = self.healer.clone();
-        // A few replies queued: with blobs of up to 16 MiB, the memory a slow reader pins is
-        // this many blobs plus one batch.
-        let (tx, rx) = mpsc::channel(4);
+        // Each blocking read's replies are queued together, so the encoder finds them ready at
+        // once and sends small blobs in shared frames rather than a write each. One batch
+        // queued: a slow reader pins it, the one being sent and the one being read.
+        let (tx, rx) = mpsc::channel::<Vec<Result<GetChunkReply, Status>>>(1);
         tokio::spawn(async move {
             let mut rest = &ids[..];
             while !rest.is_empty() {
@@ -194,22 +196,27 @@ impl ChunkStoreRpc for ChunkService {
                 let replies = match store.get_batch(batch, READ_BATCH_BYTES).await {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = tx.send(Err(to_status(e.into()))).await;
+                        let _ = tx.send(vec![Err(to_status(e.into()))]).await;
                         return;
                     }
                 };
                 rest = &rest[replies.len()..];
-                for (id, got) in replies {
-                    if let Err(StoreError::Corrupt(id)) = &got {
-                        healer.report(&[*id], true);
-                    }
-                    if tx.send(Ok(get_reply(id, got))).await.is_err() {
-                        return;
-                    }
+                let replies = replies
+                    .into_iter()
+                    .map(|(id, got)| {
+                        if let Err(StoreError::Corrupt(id)) = &got {
+                            healer.report(&[*id], true);
+                        }
+                        Ok(get_reply(id, got))
+                    })
+                    .collect();
+                if tx.send(replies).await.is_err() {
+                    return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let replies = ReceiverStream::new(rx).flat_map(futures::stream::iter);
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn has_chunks(
