@@ -117,6 +117,8 @@ struct Restorer<'a> {
     tasks: JoinSet<Result<Vec<FileDone>>>,
     /// Files of one chunk, created and waiting to be fetched together.
     small: Vec<SmallFile>,
+    /// Bytes of the chunks of `small`.
+    small_bytes: usize,
     sem: Arc<Semaphore>,
     /// Files of one chunk fetched per batch: at most a quarter of `sem`'s permits, so that
     /// files waiting for their batch never hold all of them.
@@ -167,6 +169,7 @@ impl Restorer<'_> {
             return;
         }
         let files = std::mem::take(&mut self.small);
+        self.small_bytes = 0;
         let (repo, ctx) = (self.repo.clone(), self.file_ctx());
         self.tasks
             .spawn(async move { restore_small(&repo, files, &ctx).await });
@@ -250,8 +253,10 @@ impl Restorer<'_> {
                             target,
                             _permit: permit,
                         });
-                        let bytes: usize = self.small.iter().map(|f| f.chunk.len as usize).sum();
-                        if self.small.len() >= self.small_batch || bytes >= SMALL_BATCH_BYTES {
+                        self.small_bytes += chunk.len as usize;
+                        if self.small.len() >= self.small_batch
+                            || self.small_bytes >= SMALL_BATCH_BYTES
+                        {
                             self.flush_small();
                         }
                         continue;
@@ -674,6 +679,7 @@ impl Repository {
             dir_meta: Vec::new(),
             tasks: JoinSet::new(),
             small: Vec::new(),
+            small_bytes: 0,
             sem: Arc::new(Semaphore::new(parallel)),
             small_batch: (parallel / 4).clamp(1, SMALL_BATCH_FILES),
             bytes: Arc::new(Semaphore::new(INFLIGHT_KIB)),
