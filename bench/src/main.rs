@@ -16,6 +16,16 @@
 //! the restored trees are kept until every run is done (about 3.5 GB per tool and run). Where the
 //! file system has no journal, ext4 passes over inodes freed in the last minutes when it
 //! allocates new ones, so deleting 100k files just before would slow whichever tool restores next.
+//! For the same reason, trees left by an interrupted invocation are renamed out of the way and
+//! deleted only at the end, and an invocation started within 6 minutes of another's removal of
+//! its trees first waits for those minutes to pass (it says so).
+//!
+//! Before each restore and each `check --read-data`, the repository's files (restic's
+//! repository; the cluster's data directories) and every tree restored so far are dropped from
+//! the page cache (`POSIX_FADV_DONTNEED`; the steps before were synced): a restore reads a
+//! repository that is not in memory, as after a loss, and each tool's restores start with the
+//! same free memory rather than with the earlier runs' restored trees to reclaim. The dataset
+//! stays cached, so every first backup reads it from memory.
 //!
 //! Then (unless `--growth 0`) it checks that the client's memory stays flat as a repository
 //! grows: both tools back up `--growth` differently seeded datasets of the same size into one
@@ -206,7 +216,89 @@ fn du(p: &Path, flag: &str) -> Result<u64> {
         .unwrap_or(0))
 }
 
+// ---------- restored trees ----------
+
+/// How long ext4 without a journal passes over freed inodes when it allocates new ones: 60 s
+/// after the deletion, or 360 s while the inode's table block is still dirty
+/// (`recently_deleted` in `fs/ext4/ialloc.c`). Restores made within it create their files
+/// several times slower.
+const RECENTLY_DELETED: Duration = Duration::from_secs(360);
+
+/// Written when restored trees were removed, to time [`RECENTLY_DELETED`] from.
+const REMOVED_MARKER: &str = ".restores-removed";
+
+/// Moves restored trees left by an interrupted invocation out of the way (a rename frees no
+/// inode); [`remove_restores`] deletes them once every restore has been measured.
+fn set_aside_restores(work: &Path) -> Result<()> {
+    let old = work.join("restores");
+    if old.exists() {
+        let stale = work.join(format!("restores-stale-{}", std::process::id()));
+        std::fs::rename(&old, &stale)?;
+        eprintln!("restored trees of an interrupted run set aside, to be removed at the end");
+    }
+    Ok(())
+}
+
+/// Removes every restored tree, this invocation's and those set aside, and notes when.
+fn remove_restores(work: &Path) -> Result<()> {
+    for e in std::fs::read_dir(work)?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("restores") {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    std::fs::write(work.join(REMOVED_MARKER), b"")?;
+    Ok(())
+}
+
+/// Waits until the last removal of restored trees (by an invocation just before this one) is
+/// [`RECENTLY_DELETED`] old, so that this invocation's restores do not pay for it.
+fn wait_out_recent_deletions(work: &Path) {
+    let age = std::fs::metadata(work.join(REMOVED_MARKER))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    if let Some(left) = age.and_then(|a| RECENTLY_DELETED.checked_sub(a)) {
+        eprintln!(
+            "waiting {} s: the last run removed its restored trees {} s ago, and ext4 creates files slowly next to inodes freed that recently",
+            left.as_secs(),
+            RECENTLY_DELETED.saturating_sub(left).as_secs()
+        );
+        std::thread::sleep(left);
+    }
+}
+
 // ---------- measuring ----------
+
+/// Drops every regular file under `roots` from the page cache (after a `sync`, so no page is
+/// dirty). Files that vanish meanwhile are skipped.
+fn evict(roots: &[&Path]) -> Result<()> {
+    if !Command::new("sync").status()?.success() {
+        bail!("sync failed");
+    }
+    let mut stack: Vec<PathBuf> = roots.iter().map(|r| r.to_path_buf()).collect();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)?.flatten() {
+                stack.push(e.path());
+            }
+        } else if meta.is_file() {
+            let Ok(f) = std::fs::File::open(&p) else {
+                continue;
+            };
+            nix::fcntl::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .with_context(|| format!("posix_fadvise {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 struct Measure {
@@ -376,7 +468,9 @@ fn cairn_run(bin: &Path, work: &Path, data: &Path, round: u64) -> Result<Run> {
     r.change_backup = timed(cli().arg("backup").arg(data))?;
     let target = work.join(format!("restores/cairn-{round}"));
     let _ = std::fs::remove_dir_all(&target);
+    evict(&[&dir, &work.join("restores")])?;
     r.restore = timed(cli().args(["restore", "latest", "--target"]).arg(&target))?;
+    evict(&[&dir, &work.join("restores")])?;
     r.check_read_data = timed(cli().args(["check", "--read-data"]))?;
     // One replica's worth, everything a replica keeps (as restic's size counts its packs, index
     // and snapshots): the nodes' segments and chunk indexes over R=3, plus one coordinator's
@@ -430,7 +524,9 @@ fn restic_run(work: &Path, data: &Path, round: u64) -> Result<Run> {
     r.change_backup = timed(cmd().arg("backup").arg(data))?;
     let target = work.join(format!("restores/restic-{round}"));
     let _ = std::fs::remove_dir_all(&target);
+    evict(&[repo, &work.join("restores")])?;
     r.restore = timed(cmd().args(["restore", "latest", "--target"]).arg(&target))?;
+    evict(&[repo, &work.join("restores")])?;
     r.check_read_data = timed(cmd().args(["check", "--read-data"]))?;
     r.repo_bytes = disk_usage(repo)?;
     Ok(r)
@@ -485,6 +581,8 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&a.work)?;
     let work = std::fs::canonicalize(&a.work)?;
     let data = work.join("data");
+    set_aside_restores(&work)?;
+    wait_out_recent_deletions(&work);
     // Written again even if present: an earlier invocation leaves its 1% change behind.
     let size = generate_fresh(&data, a.size_gb)?;
     eprintln!("dataset: {:.2} GB in {}", size as f64 / 1e9, data.display());
@@ -513,7 +611,7 @@ fn main() -> Result<()> {
         );
     }
     // Restored trees are removed only now, for the reason `generate_seeded` rewrites in place.
-    let _ = std::fs::remove_dir_all(work.join("restores"));
+    remove_restores(&work)?;
     let gb = size as f64 / 1e9;
     let m = |runs: &[Run], f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
     let mut rows = Vec::new();

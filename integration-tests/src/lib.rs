@@ -45,11 +45,18 @@ pub fn bin_dir() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1: every listener is held until all are chosen, since
+/// a port released at once can be handed out again by the next bind.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// Polls `cond` every 50 ms until it returns `Some`, or panics after `timeout` naming `what`.
@@ -239,8 +246,9 @@ impl TestCluster {
         let bins = bin_dir();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("logs")).unwrap();
-        let coordinator_addrs: Vec<String> = (0..spec.coordinators)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
+        let coordinator_addrs: Vec<String> = free_ports(spec.coordinators)
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         let mut c = Self {
             dir,

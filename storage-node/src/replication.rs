@@ -14,6 +14,7 @@ use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
 use cairn_proto::chunk::PutChunkRequest;
 use cairn_proto::transport::NodeChannels;
+use cairn_proto::types::Layout;
 use cairn_proto::{ChunkId, MAX_BLOB_SIZE};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{watch, Notify};
@@ -193,15 +194,50 @@ impl Replicator {
     }
 
     /// Stores chunks from a client and replicates them; acknowledges each at R, or at W with
-    /// the missing copies queued for repair.
+    /// the missing copies queued for repair. The local write and the forwarding to replicas run
+    /// at once (one after the other, a group waited for the local `fsync` and then for the
+    /// replicas'); nothing is acknowledged before the local copy is durable.
     pub async fn put_primary(
         &self,
         items: Vec<PutItem>,
         sender_layout: u64,
     ) -> Result<Vec<Ack>, ReplError> {
         self.check_served(&items, sender_layout).await?;
-        let existed = self.store.put(items.clone()).await?;
         let layout = self.me.layout();
+        let (existed, (copies, missing)) = tokio::join!(
+            self.store.put(items.clone()),
+            self.replicate(&layout, &items)
+        );
+        let existed = existed?;
+        if !missing.is_empty() {
+            self.enqueue(&missing).await?;
+        }
+        let needed = layout.write_quorum.max(1);
+        let mut acks = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            if copies[i] < needed {
+                return Err(ReplError::BelowQuorum {
+                    id: it.id,
+                    copies: copies[i],
+                    needed,
+                });
+            }
+            acks.push(Ack {
+                id: it.id,
+                copies: copies[i],
+                existed: existed[i],
+            });
+        }
+        Ok(acks)
+    }
+
+    /// Forwards `items` to their partitions' other replicas. Returns each item's copies, counting
+    /// the local one, and the copies to queue for repair.
+    async fn replicate(
+        &self,
+        layout: &Layout,
+        items: &[PutItem],
+    ) -> (Vec<u32>, Vec<(ChunkId, u64)>) {
         let me = self.me.id();
         // Which peers need which items.
         let mut per_peer: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
@@ -278,25 +314,7 @@ impl Replicator {
                 missing.extend(idxs.iter().map(|&i| (items[i].id, *node)));
             }
         }
-        if !missing.is_empty() {
-            self.enqueue(&missing).await?;
-        }
-        let mut acks = Vec::with_capacity(items.len());
-        for (i, it) in items.iter().enumerate() {
-            if copies[i] < needed {
-                return Err(ReplError::BelowQuorum {
-                    id: it.id,
-                    copies: copies[i],
-                    needed,
-                });
-            }
-            acks.push(Ack {
-                id: it.id,
-                copies: copies[i],
-                existed: existed[i],
-            });
-        }
-        Ok(acks)
+        (copies, missing)
     }
 
     /// Sends chunks to a replica; returns the ids it acknowledged.

@@ -33,8 +33,16 @@ struct State {
     coordinators: Vec<String>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free ports: every listener is held until all are chosen, since a port released
+/// at once can be handed out again by the next bind.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?)
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -106,9 +114,10 @@ pub async fn run(o: DevOptions, json: bool) -> anyhow::Result<()> {
     let state: State = match std::fs::read_to_string(&state_path) {
         Ok(s) => toml::from_str(&s).context("reading cluster.toml")?,
         Err(_) => State {
-            coordinators: (0..o.coordinators)
-                .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-                .collect::<anyhow::Result<_>>()?,
+            coordinators: free_ports(o.coordinators)?
+                .into_iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect(),
         },
     };
     std::fs::write(&state_path, toml::to_string(&state)?)?;
@@ -166,13 +175,15 @@ pub async fn run(o: DevOptions, json: bool) -> anyhow::Result<()> {
                 .iter()
                 .filter(|n| n.state == NodeState::Active as i32 && n.heartbeat_age_ms.is_some_and(|a| a < 5000))
                 .count();
-            if active >= o.nodes {
-                break;
-            }
+            // A process that exited (a coordinator whose port was taken, say) fails the start
+            // even if the rest reached quorum without it.
             for p in procs.iter_mut() {
                 if let Ok(Some(st)) = p.child.try_wait() {
                     bail!("{} exited ({st}); see {}/logs/{}.log", p.name, dir.display(), p.name);
                 }
+            }
+            if active >= o.nodes {
+                break;
             }
             if Instant::now() > deadline {
                 bail!("storage nodes did not become active; see {}/logs", dir.display());
