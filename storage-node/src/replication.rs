@@ -195,8 +195,8 @@ impl Replicator {
 
     /// Stores chunks from a client and replicates them; acknowledges each at R, or at W with
     /// the missing copies queued for repair. The local write and the forwarding to replicas run
-    /// at once (one after the other, a group waited for the local `fsync` and then for the
-    /// replicas'); nothing is acknowledged before the local copy is durable.
+    /// at once, so a group waits for the slower of the local `fsync` and the replicas', not for
+    /// their sum; nothing is acknowledged before the local copy is durable.
     pub async fn put_primary(
         &self,
         items: Vec<PutItem>,
