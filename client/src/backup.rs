@@ -6,12 +6,15 @@
 //! [`SMALL_FILE`] are read and cut whole on blocking threads, in groups of a directory's files
 //! ([`READ_GROUP_FILES`], [`READ_GROUP_BYTES`]), [`READ_GROUPS`] groups at once while the walk
 //! goes on; a larger file is read and cut on a blocking thread that feeds a bounded channel.
-//! Chunks gather into batches that are checked, sealed and uploaded by at most
-//! [`MAX_BATCHES`] concurrent tasks. Memory is bounded by those queues (about
-//! `(MAX_BATCHES + 2) × BATCH_BYTES + (READ_GROUPS + 1) × (READ_GROUP_BYTES + SMALL_FILE)`),
-//! not by the size of the repository. Files unchanged since the parent snapshot (size, mtime,
-//! ctime, inode) reuse the parent's chunk list unread. The snapshot is begun before the walk (its chunks are protected
-//! from GC from then on) and committed only after every chunk it references is acknowledged.
+//! A large file's chunks are not copied out of the windows it is read into ([`crate::chunker`]):
+//! they share them, and the windows are read into again once their chunks are sealed. Chunks
+//! gather into batches that are checked, sealed and uploaded by at most [`MAX_BATCHES`]
+//! concurrent tasks. Memory is bounded by those queues (about
+//! `(MAX_BATCHES + 2) × (BATCH_BYTES + window) + (READ_GROUPS + 1) × (READ_GROUP_BYTES +
+//! SMALL_FILE)` plus a few pooled windows of 8 MiB), not by the size of the repository. Files
+//! unchanged since the parent snapshot (size, mtime, ctime, inode) reuse the parent's chunk list
+//! unread. The snapshot is begun before the walk (its chunks are protected from GC from then
+//! on) and committed only after every chunk it references is acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -175,7 +178,7 @@ struct Uploaded {
 /// Seals and uploads chunks in bounded concurrent batches.
 struct Uploader {
     repo: Repository,
-    pending: Vec<(ChunkId, Vec<u8>)>,
+    pending: Vec<(ChunkId, Bytes)>,
     pending_bytes: usize,
     seen: HashSet<ChunkId>,
     sem: Arc<Semaphore>,
@@ -196,7 +199,7 @@ impl Uploader {
         }
     }
 
-    async fn add(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
+    async fn add(&mut self, id: ChunkId, data: Bytes) -> Result<()> {
         if self.seen.len() >= SEEN_MAX {
             self.seen.clear();
         }
@@ -253,10 +256,10 @@ impl Uploader {
     }
 }
 
-async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Vec<u8>)>) -> Result<Uploaded> {
+async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Bytes)>) -> Result<Uploaded> {
     let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
     let present = repo.cluster.has(&ids).await?;
-    let missing: Vec<(ChunkId, Vec<u8>)> = batch
+    let missing: Vec<(ChunkId, Bytes)> = batch
         .into_iter()
         .zip(present)
         .filter(|(_, p)| !p)
@@ -351,7 +354,7 @@ struct PendingReads {
 
 /// A small file's chunks, and a warning if it changed while it was read.
 struct SmallFile {
-    chunks: Vec<(ChunkId, Vec<u8>)>,
+    chunks: Vec<(ChunkId, Bytes)>,
     warning: Option<String>,
 }
 
@@ -367,20 +370,30 @@ fn read_small_files(
         .map(|(path, before)| {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             let mut chunks = Vec::new();
-            let read = crate::chunker::chunk_owned(file, before.len(), c, |data| {
+            // Files this small fit in no window: a pool of their own stays empty.
+            let windows = crate::chunker::Windows::default();
+            let read = crate::chunker::chunk_shared(&file, before.len(), c, &windows, |data| {
                 chunks.push((keys.chunk_id(&data), data));
                 true
             })
             .map_err(|e| Error::io(&path, e))?;
-            let warning = changed_while_read(&path, &before, read);
+            let warning = changed_while_read(&path, &file, &before, read);
             Ok(SmallFile { chunks, warning })
         })
         .collect()
 }
 
-/// A warning if `path` no longer matches what was read of it.
-fn changed_while_read(path: &Path, before: &std::fs::Metadata, read: u64) -> Option<String> {
-    let after = std::fs::symlink_metadata(path).ok()?;
+/// A warning if the file read from `file` (opened at `path`) changed while it was read: its
+/// size or modification time moved, or the bytes read are not its size. The open file is
+/// asked (`fstat`), not the path, which costs no path lookup and is not fooled by a file put
+/// in the path's place after the read.
+fn changed_while_read(
+    path: &Path,
+    file: &std::fs::File,
+    before: &std::fs::Metadata,
+    read: u64,
+) -> Option<String> {
+    let after = file.metadata().ok()?;
     (after.len() != before.len()
         || after.mtime() != before.mtime()
         || after.mtime_nsec() != before.mtime_nsec()
@@ -408,6 +421,8 @@ struct Job<'a> {
     warnings: Vec<String>,
     progress: &'a Progress,
     use_parent: bool,
+    /// Windows large files are read into ([`crate::chunker::Windows`]).
+    windows: Arc<crate::chunker::Windows>,
 }
 
 fn time_ns(sec: i64, nsec: i64) -> i64 {
@@ -784,18 +799,19 @@ impl Job<'_> {
         changed: bool,
     ) -> Result<Vec<ChunkRef>> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let (tx, mut rx) = mpsc::channel::<std::io::Result<(ChunkId, Vec<u8>)>>(4);
+        let (tx, mut rx) = mpsc::channel::<std::io::Result<(ChunkId, Bytes)>>(4);
         let keys = self.repo.keys.clone();
         let c = self.opts.chunker;
         let size = before.len();
+        let windows = self.windows.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            let res = crate::chunker::chunk_stream(file, size, c, |data| {
-                tx.blocking_send(Ok((keys.chunk_id(data), data.to_vec())))
-                    .is_ok()
+            let res = crate::chunker::chunk_shared(&file, size, c, &windows, |data| {
+                tx.blocking_send(Ok((keys.chunk_id(&data), data))).is_ok()
             });
             if let Err(e) = res {
                 let _ = tx.blocking_send(Err(e));
             }
+            file
         });
         let mut content = Vec::new();
         let mut read = 0u64;
@@ -803,11 +819,11 @@ impl Job<'_> {
             let (id, data) = msg.map_err(|e| Error::io(path, e))?;
             read += self.take_chunk(&mut content, id, data).await?;
         }
-        reader
+        let file = reader
             .await
             .map_err(|e| Error::Invalid(format!("reader task failed: {e}")))?;
         self.file_read(changed, read);
-        if let Some(w) = changed_while_read(path, before, read) {
+        if let Some(w) = changed_while_read(path, &file, before, read) {
             self.warn(w);
         }
         Ok(content)
@@ -818,7 +834,7 @@ impl Job<'_> {
         &mut self,
         content: &mut Vec<ChunkRef>,
         id: ChunkId,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<u64> {
         let len = data.len() as u64;
         self.progress.bytes(len);
@@ -852,7 +868,7 @@ impl Job<'_> {
         if parent == Some(id) {
             return Ok(id);
         }
-        self.uploader.add(id, bytes).await?;
+        self.uploader.add(id, Bytes::from(bytes)).await?;
         Ok(id)
     }
 }
@@ -964,6 +980,7 @@ impl Repository {
             warnings: Vec::new(),
             progress,
             use_parent: parent.is_some(),
+            windows: Arc::default(),
         };
         let root = job
             .dir(Path::new("/"), &sel, parent_tree, None, root_dev)
