@@ -547,6 +547,18 @@ fn ensure_restic() -> Result<String> {
     Ok(String::from_utf8_lossy(&v.stdout).trim().to_string())
 }
 
+/// The processor's model name, as the kernel reports it.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "processor unknown".into())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -717,9 +729,13 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = cpu_model();
     let mut md = format!(
-        "# Cairn vs restic\n\n{} on {:.2} GB ({} runs each, alternating; medians). Cairn: local dev cluster, 3 storage nodes, R=3, on this machine ({} cores).\n\n| measure | Cairn | restic | Cairn/restic | target | met |\n|---|---|---|---|---|---|\n",
-        restic_version, gb, a.runs, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        "# Cairn vs restic\n\n{} on {:.2} GB ({} runs each, alternating; medians). Cairn: local dev cluster, 3 storage nodes, R=3, on this machine ({} cores, {}).\n\n| measure | Cairn | restic | Cairn/restic | target | met |\n|---|---|---|---|---|---|\n",
+        restic_version, gb, a.runs, cores, cpu
     );
     for r in &rows {
         md += &format!(
@@ -732,6 +748,14 @@ fn main() -> Result<()> {
             if r.met { "yes" } else { "NO" }
         );
     }
+    let client_cpu = m(&cairn, &|r| r.first_backup.cpu_s);
+    let cluster_cpu = m(&cairn, &|r| {
+        r.first_backup_total_cpu_s - r.first_backup.cpu_s
+    });
+    md += &format!(
+        "\nCPU of the first backup, medians: Cairn's client {client_cpu:.2} CPU-s and its cluster (storage nodes and coordinators) {cluster_cpu:.2} CPU-s; restic {:.2} CPU-s.\n",
+        m(&restic, &|r| r.first_backup_total_cpu_s)
+    );
     if let Some(g) = &growth {
         md += &format!(
             "\nMemory as the repository grows: {n} backups of {gb:.2} GB of new data each into one repository (Cairn: one dev cluster; restic: one repository); client peak memory, MiB:\n\n| backup into a repository of | Cairn | restic |\n|---|---|---|\n",
@@ -751,7 +775,7 @@ fn main() -> Result<()> {
     println!("{md}");
     std::fs::create_dir_all(&a.out)?;
     std::fs::write(a.out.join("results.md"), &md)?;
-    let json = serde_json::json!({"restic": restic_version, "dataset_bytes": size, "runs": a.runs, "rows": rows, "cairn_runs": cairn, "restic_runs": restic, "growth": growth});
+    let json = serde_json::json!({"restic": restic_version, "cpu": cpu, "cores": cores, "dataset_bytes": size, "runs": a.runs, "rows": rows, "cairn_runs": cairn, "restic_runs": restic, "growth": growth});
     std::fs::write(
         a.out.join("results.json"),
         serde_json::to_string_pretty(&json)?,
