@@ -27,11 +27,12 @@ pub const BLOCK: usize = 4096;
 /// Size of the staging buffer: data is written in pieces of this size.
 const STAGE: usize = 4 * 1024 * 1024;
 
-/// The staging buffer: memory aligned to [`BLOCK`], [`STAGE`] bytes long, zero-initialised.
-type AlignedBuf = ABox<[u8], ConstAlign<BLOCK>>;
+/// Memory aligned to [`BLOCK`], as `O_DIRECT` needs.
+pub(super) type AlignedBuf = ABox<[u8], ConstAlign<BLOCK>>;
 
-fn aligned_buf() -> AlignedBuf {
-    aligned_vec::avec![[BLOCK]| 0u8; STAGE].into_boxed_slice()
+/// `len` zeroed bytes of [`AlignedBuf`].
+pub(super) fn aligned_buf(len: usize) -> AlignedBuf {
+    aligned_vec::avec![[BLOCK]| 0u8; len].into_boxed_slice()
 }
 
 /// The writer's handle on the active segment.
@@ -48,6 +49,19 @@ pub struct Appender {
 
 fn round_up(n: usize) -> usize {
     n.div_ceil(BLOCK) * BLOCK
+}
+
+/// Opens `path` for reading past the page cache; `None` where the file system refuses it.
+pub(super) fn open_direct_reader(path: &Path) -> io::Result<Option<File>> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn open_file(path: &Path, direct: bool) -> io::Result<File> {
@@ -72,7 +86,7 @@ impl Appender {
         };
         let base = end / BLOCK as u64 * BLOCK as u64;
         let len = (end - base) as usize;
-        let mut buf = aligned_buf();
+        let mut buf = aligned_buf(STAGE);
         if len > 0 {
             File::open(path)?.read_exact_at(&mut buf[..len], base)?;
         }

@@ -29,6 +29,8 @@ use std::os::unix::fs::FileExt;
 use bytes::Bytes;
 use cairn_proto::ChunkId;
 
+use super::appender::{aligned_buf, AlignedBuf, BLOCK};
+
 /// Marks the start of every [`Format::V1`] record.
 pub const MAGIC: [u8; 4] = *b"CRN1";
 /// Prefixed to the fields of a [`Format::V2`] header for its check, so that a header of one
@@ -296,16 +298,67 @@ pub fn read_record(
     let header_len = format.header_len();
     let mut buf = vec![0u8; header_len + len as usize];
     file.read_exact_at(&mut buf, offset)?;
-    let hash = decode_header(format, &buf)
+    let hash = verify_record(format, &buf, len, id)?;
+    Ok((Bytes::from(buf).slice(header_len..), hash))
+}
+
+/// The whole blake3 of the blob of `record` (header and blob), if it is the record of `id`, `len`
+/// bytes long, and its blob matches the header's hash.
+fn verify_record(format: Format, record: &[u8], len: u32, id: &ChunkId) -> io::Result<[u8; 32]> {
+    decode_header(format, record)
         .filter(|h| h.id == *id && h.len == len)
-        .and_then(|h| h.verify(&buf[header_len..]));
-    match hash {
-        Some(hash) => Ok((Bytes::from(buf).slice(header_len..), hash)),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "record does not verify",
-        )),
+        .and_then(|h| h.verify(&record[format.header_len()..]))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record does not verify"))
+}
+
+/// Block-aligned memory that a blob read with `O_DIRECT` is handed over in (see
+/// [`read_record_direct`]).
+struct DirectBuf(AlignedBuf);
+
+impl AsRef<[u8]> for DirectBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
+}
+
+/// As [`read_record`], from `file` opened with `O_DIRECT`: the blocks that hold the record are
+/// read into block-aligned memory, past the page cache, and the blob returned shares that memory
+/// (no copy). A read that fails with `EINVAL` means the file system refuses direct reads here.
+pub fn read_record_direct(
+    file: &File,
+    format: Format,
+    offset: u64,
+    len: u32,
+    id: &ChunkId,
+) -> io::Result<(Bytes, [u8; 32])> {
+    let block = BLOCK as u64;
+    let header_len = format.header_len();
+    let end = offset + (header_len + len as usize) as u64;
+    let start = offset / block * block;
+    let span = (end.div_ceil(block) * block - start) as usize;
+    let mut buf = aligned_buf(span);
+    let mut got = 0;
+    while got < span {
+        match file.read_at(&mut buf[got..], start + got as u64) {
+            Ok(0) => break,
+            // A closed segment ends where its last record does, inside a block.
+            Ok(n) if n % BLOCK != 0 => {
+                got += n;
+                break;
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let at = (offset - start) as usize;
+    let record_end = at + header_len + len as usize;
+    if got < record_end {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let hash = verify_record(format, &buf[at..record_end], len, id)?;
+    let blob = Bytes::from_owner(DirectBuf(buf)).slice(at + header_len..record_end);
+    Ok((blob, hash))
 }
 
 #[cfg(test)]
