@@ -29,6 +29,22 @@ fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// XORs the byte at `pos` of the file at `path` with `mask`, durably (reads past the page cache
+/// must see it too).
+fn flip_bits(path: &Path, pos: u64, mask: u8) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.seek(SeekFrom::Start(pos)).unwrap();
+    let mut b = [0u8; 1];
+    std::io::Read::read_exact(&mut f, &mut b).unwrap();
+    f.seek(SeekFrom::Start(pos)).unwrap();
+    f.write_all(&[b[0] ^ mask]).unwrap();
+    f.sync_all().unwrap();
+}
+
 #[tokio::test]
 async fn put_get_has_delete_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,18 +261,11 @@ async fn flipped_bit_is_a_corruption_error_never_bad_data() {
     s.put(vec![it.clone(), other.clone()]).await.unwrap();
     let loc = s.location(&it.id).unwrap().unwrap();
     let seg = segment_files(dir.path()).pop().unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg)
-        .unwrap();
-    let pos = loc.offset + Format::CURRENT.header_len() as u64 + 1234;
-    f.seek(SeekFrom::Start(pos)).unwrap();
-    let mut b = [0u8; 1];
-    std::io::Read::read_exact(&mut f, &mut b).unwrap();
-    f.seek(SeekFrom::Start(pos)).unwrap();
-    f.write_all(&[b[0] ^ 0x10]).unwrap();
-    drop(f);
+    flip_bits(
+        &seg,
+        loc.offset + Format::CURRENT.header_len() as u64 + 1234,
+        0x10,
+    );
     assert!(matches!(s.get(it.id).await, Err(StoreError::Corrupt(_))));
     assert_eq!(s.stats().corrupt_found, 1);
     // Quarantined: no longer claimed as present, so it can be re-stored.
@@ -530,19 +539,11 @@ async fn large_records_read_past_the_page_cache_round_trip_and_fail_on_corruptio
     // A flipped bit in a large record's blob is found, as in a small one.
     let big = &items[5];
     let loc = s.location(&big.id).unwrap().unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg)
-        .unwrap();
-    let pos = loc.offset + Format::CURRENT.header_len() as u64 + 700_000;
-    f.seek(SeekFrom::Start(pos)).unwrap();
-    let mut b = [0u8; 1];
-    std::io::Read::read_exact(&mut f, &mut b).unwrap();
-    f.seek(SeekFrom::Start(pos)).unwrap();
-    f.write_all(&[b[0] ^ 0x01]).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    flip_bits(
+        &seg,
+        loc.offset + Format::CURRENT.header_len() as u64 + 700_000,
+        0x01,
+    );
     assert!(matches!(s.get(big.id).await, Err(StoreError::Corrupt(_))));
     assert_eq!(s.get(items[7].id).await.unwrap().0, items[7].blob.as_ref());
     s.close().await;

@@ -611,10 +611,15 @@ impl Shared {
             .and_then(|v| Location::decode(&v))
             .ok_or(StoreError::NotFound(*id))?;
         let f = self.file(loc.segment)?;
-        let format = self.format(loc.segment);
+        let at = segment::RecordAt {
+            format: self.format(loc.segment),
+            offset: loc.offset,
+            len: loc.len,
+            id,
+        };
         let direct = match &f.direct {
             Some(d) if loc.len >= DIRECT_READ_MIN => {
-                match segment::read_record_direct(d, format, loc.offset, loc.len, id) {
+                match at.read_direct(d) {
                     // Refused after all (a file system that accepts the flag but not the read).
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
                     r => Some(r),
@@ -624,7 +629,7 @@ impl Shared {
         };
         let read = match direct {
             Some(r) => r,
-            None => segment::read_record(&f.cached, format, loc.offset, loc.len, id),
+            None => at.read(&f.cached),
         };
         match read {
             Ok(r) => Ok(r),
@@ -1053,7 +1058,13 @@ impl Writer {
                     .and_then(|v| Location::decode(&v))
                     .is_some_and(|l| l.segment == seg && l.offset == offset);
                 if still {
-                    let (blob, hash) = segment::read_record(&file, format, offset, h.len, &h.id)?;
+                    let (blob, hash) = segment::RecordAt {
+                        format,
+                        offset,
+                        len: h.len,
+                        id: &h.id,
+                    }
+                    .read(&file)?;
                     moved.push(PutItem {
                         id: h.id,
                         hash,

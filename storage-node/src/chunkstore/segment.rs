@@ -284,81 +284,87 @@ fn is_padding(file: &File, offset: u64, size: u64) -> io::Result<bool> {
     Ok(rest.iter().all(|&b| b == 0))
 }
 
-/// Reads the record of chunk `id` at `offset` of a segment of `format` (header and blob in one
-/// read) and verifies it: a sound header naming `id` and `len`, and a blob matching the header's
-/// hash. Returns the blob (a view into the read buffer, not a copy) and its whole blake3;
-/// `Err(InvalidData)` if anything does not match.
-pub fn read_record(
-    file: &File,
-    format: Format,
-    offset: u64,
-    len: u32,
-    id: &ChunkId,
-) -> io::Result<(Bytes, [u8; 32])> {
-    let header_len = format.header_len();
-    let mut buf = vec![0u8; header_len + len as usize];
-    file.read_exact_at(&mut buf, offset)?;
-    let hash = verify_record(format, &buf, len, id)?;
-    Ok((Bytes::from(buf).slice(header_len..), hash))
+/// Where the record of a chunk is expected: in a segment of `format`, at `offset`, with a blob of
+/// `len` bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordAt<'a> {
+    /// The segment's format.
+    pub format: Format,
+    /// Offset of the record's header.
+    pub offset: u64,
+    /// Length of its blob.
+    pub len: u32,
+    /// The chunk it must be the record of.
+    pub id: &'a ChunkId,
 }
 
-/// The whole blake3 of the blob of `record` (header and blob), if it is the record of `id`, `len`
-/// bytes long, and its blob matches the header's hash.
-fn verify_record(format: Format, record: &[u8], len: u32, id: &ChunkId) -> io::Result<[u8; 32]> {
-    decode_header(format, record)
-        .filter(|h| h.id == *id && h.len == len)
-        .and_then(|h| h.verify(&record[format.header_len()..]))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record does not verify"))
+impl RecordAt<'_> {
+    /// Reads the record from `file` (header and blob in one read) and verifies it: a sound
+    /// header naming the id and length, and a blob matching the header's hash. Returns the blob
+    /// (a view into the read buffer, not a copy) and its whole blake3; `Err(InvalidData)` if
+    /// anything does not match.
+    pub fn read(&self, file: &File) -> io::Result<(Bytes, [u8; 32])> {
+        let header_len = self.format.header_len();
+        let mut buf = vec![0u8; header_len + self.len as usize];
+        file.read_exact_at(&mut buf, self.offset)?;
+        let hash = self.verify(&buf)?;
+        Ok((Bytes::from(buf).slice(header_len..), hash))
+    }
+
+    /// The whole blake3 of the blob of `record` (header and blob), if it is the record expected
+    /// and its blob matches the header's hash.
+    fn verify(&self, record: &[u8]) -> io::Result<[u8; 32]> {
+        decode_header(self.format, record)
+            .filter(|h| h.id == *self.id && h.len == self.len)
+            .and_then(|h| h.verify(&record[self.format.header_len()..]))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "record does not verify"))
+    }
+
+    /// As [`RecordAt::read`], from `file` opened with `O_DIRECT`: the blocks that hold the
+    /// record are read into block-aligned memory, past the page cache, and the blob returned
+    /// shares that memory (no copy). A read that fails with `EINVAL` means the file system
+    /// refuses direct reads here.
+    pub fn read_direct(&self, file: &File) -> io::Result<(Bytes, [u8; 32])> {
+        let (format, offset, len) = (self.format, self.offset, self.len);
+        let block = BLOCK as u64;
+        let header_len = format.header_len();
+        let end = offset + (header_len + len as usize) as u64;
+        let start = offset / block * block;
+        let span = (end.div_ceil(block) * block - start) as usize;
+        let mut buf = aligned_buf(span);
+        let mut got = 0;
+        while got < span {
+            match file.read_at(&mut buf[got..], start + got as u64) {
+                Ok(0) => break,
+                // A closed segment ends where its last record does, inside a block.
+                Ok(n) if n % BLOCK != 0 => {
+                    got += n;
+                    break;
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let at = (offset - start) as usize;
+        let record_end = at + header_len + len as usize;
+        if got < record_end {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let hash = self.verify(&buf[at..record_end])?;
+        let blob = Bytes::from_owner(DirectBuf(buf)).slice(at + header_len..record_end);
+        Ok((blob, hash))
+    }
 }
 
 /// Block-aligned memory that a blob read with `O_DIRECT` is handed over in (see
-/// [`read_record_direct`]).
+/// [`RecordAt::read_direct`]).
 struct DirectBuf(AlignedBuf);
 
 impl AsRef<[u8]> for DirectBuf {
     fn as_ref(&self) -> &[u8] {
         &self.0
     }
-}
-
-/// As [`read_record`], from `file` opened with `O_DIRECT`: the blocks that hold the record are
-/// read into block-aligned memory, past the page cache, and the blob returned shares that memory
-/// (no copy). A read that fails with `EINVAL` means the file system refuses direct reads here.
-pub fn read_record_direct(
-    file: &File,
-    format: Format,
-    offset: u64,
-    len: u32,
-    id: &ChunkId,
-) -> io::Result<(Bytes, [u8; 32])> {
-    let block = BLOCK as u64;
-    let header_len = format.header_len();
-    let end = offset + (header_len + len as usize) as u64;
-    let start = offset / block * block;
-    let span = (end.div_ceil(block) * block - start) as usize;
-    let mut buf = aligned_buf(span);
-    let mut got = 0;
-    while got < span {
-        match file.read_at(&mut buf[got..], start + got as u64) {
-            Ok(0) => break,
-            // A closed segment ends where its last record does, inside a block.
-            Ok(n) if n % BLOCK != 0 => {
-                got += n;
-                break;
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let at = (offset - start) as usize;
-    let record_end = at + header_len + len as usize;
-    if got < record_end {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    let hash = verify_record(format, &buf[at..record_end], len, id)?;
-    let blob = Bytes::from_owner(DirectBuf(buf)).slice(at + header_len..record_end);
-    Ok((blob, hash))
 }
 
 #[cfg(test)]
