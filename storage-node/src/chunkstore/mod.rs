@@ -74,6 +74,9 @@ pub const PRESENCE_MIN: u64 = 1 << 20;
 const PRESENCE_FP: f64 = 0.01;
 /// Records with blobs of at least this many bytes are read with `O_DIRECT`.
 const DIRECT_READ_MIN: u32 = 128 * 1024;
+/// Most segments kept open for reads (two descriptors each), well inside the common limit of
+/// 1,024 open files: a node of many terabytes has thousands of segments.
+const OPEN_SEGMENTS: usize = 128;
 
 /// Chunk store errors.
 #[derive(Debug, thiserror::Error)]
@@ -597,10 +600,14 @@ impl Shared {
             cached: File::open(&path)?,
             direct: appender::open_direct_reader(&path)?,
         });
-        self.files
-            .write()
-            .expect("files lock")
-            .insert(seg, f.clone());
+        let mut files = self.files.write().expect("files lock");
+        if files.len() >= OPEN_SEGMENTS {
+            // Any one: a read still using it keeps its own handle.
+            if let Some(&old) = files.keys().next() {
+                files.remove(&old);
+            }
+        }
+        files.insert(seg, f.clone());
         Ok(f)
     }
 
