@@ -624,19 +624,13 @@ impl Shared {
             len: loc.len,
             id,
         };
-        let direct = match &f.direct {
-            Some(d) if loc.len >= DIRECT_READ_MIN => {
-                match at.read_direct(d) {
-                    // Refused after all (a file system that accepts the flag but not the read).
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
-                    r => Some(r),
-                }
-            }
-            _ => None,
-        };
-        let read = match direct {
-            Some(r) => r,
-            None => at.read(&f.cached),
+        let read = match &f.direct {
+            Some(d) if loc.len >= DIRECT_READ_MIN => match at.read_direct(d) {
+                // Refused after all (a file system that accepts the flag but not the read).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => at.read(&f.cached),
+                r => r,
+            },
+            _ => at.read(&f.cached),
         };
         match read {
             Ok(r) => Ok(r),
