@@ -19,6 +19,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, with one arena (`.cargo/config.toml`): a backup allocates and frees a buffer for
+/// every small file and a blob for every chunk, and glibc's allocator, even tuned (one arena,
+/// chunk-sized buffers from the heap, a high trim threshold), spent about 0.6 CPU-s of the
+/// benchmark's first backup splitting and merging free blocks, a tenth of the client's CPU on
+/// its small files. jemalloc's default of four arenas per core kept freed pages in each, for
+/// a peak half again as high; with one, the peak is glibc's and restores are as fast.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cairn",
@@ -860,42 +869,6 @@ async fn cluster_cmd(ctx: &Ctx, c: ClusterCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Free memory a heap keeps at its top before it is trimmed: 8 MiB in general (the backup's
-/// peak memory is one of its measures)...
-const TRIM_DEFAULT: i32 = 8 << 20;
-/// ...and 128 MiB for a restore or check, which fetch up to 64 MiB of chunks at once into
-/// buffers freed as soon as they are written: trimmed at 8 MiB, the benchmark's restore faulted
-/// 80,000 to 120,000 pages in again for a peak of 74 to 77 MiB, against about 35,000 faults
-/// (16,000 of them the key derivation's) for 80 to 88 MiB now, and about 0.3 CPU-s less. On the
-/// virtual machines measured, a page that is new to the guest costs many times more to touch
-/// (zeroing a faulted page took 0.87 CPU-s of a slow restore, against 0.02 in a fast one).
-const TRIM_READING: i32 = 128 << 20;
-
-/// Three glibc tunables for the client's chunk-sized buffers.
-///
-/// - glibc gives each thread that meets contention an arena of its own (up to 8 per core) and
-///   keeps freed multi-megabyte chunk buffers cached in every one of them; with the backup's
-///   reader and sealing threads that nearly doubled the client's peak memory. One arena keeps
-///   the same speed: with two, a first backup of the benchmark's data peaked at 96 to 104 MiB
-///   (and up to 122 MiB in the benchmark), against 80 to 84 MiB with one, for the same CPU time;
-///   restores took as long with either.
-/// - By default, buffers above a moving threshold (at most a chunk's size) are mapped and
-///   unmapped one by one, and a heap is trimmed once 2x that threshold is free at its top:
-///   page faults on fresh buffers took about 5% of the machine's CPU during a restore. Chunks
-///   (at most 16 MiB) now come from the heap, which keeps some free memory before trimming
-///   ([`TRIM_DEFAULT`], [`TRIM_READING`]).
-#[allow(unsafe_code)]
-fn tune_malloc(trim_threshold: i32) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator tunable; it is called before any other thread
-    // exists, and its arguments are plain integers.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, trim_threshold);
-    }
-}
-
 /// Lets the process keep open as many files as its hard limit allows, up to 65,536, as Go
 /// programs do: a restore keeps up to about a thousand files open while their chunks are
 /// fetched, and many systems start processes with a soft limit of 1,024.
@@ -932,10 +905,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    tune_malloc(match cli.cmd {
-        Cmd::Restore { .. } | Cmd::Check { .. } => TRIM_READING,
-        _ => TRIM_DEFAULT,
-    });
     let json = cli.json;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
