@@ -1104,6 +1104,36 @@ type PutItemsReply = (Vec<PutItem>, oneshot::Sender<Result<Vec<bool>, StoreError
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn reads_keep_at_most_open_segments_files_open() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("segments")).unwrap();
+        // One record per segment, in more segments than may be open at once; the store
+        // indexes them on open, as segments past its frontier.
+        let count = OPEN_SEGMENTS as u32 + 40;
+        let mut chunks = Vec::new();
+        for n in 0..count {
+            let blob = vec![n as u8; 1000 + n as usize];
+            let id = ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes());
+            let hash = cairn_proto::blob_hash(&blob);
+            let header = segment::encode_header(Format::CURRENT, &id, &hash, blob.len() as u32);
+            let seg = [&header[..], &blob].concat();
+            std::fs::write(seg_path(dir.path(), n, Format::CURRENT), seg).unwrap();
+            chunks.push((id, blob));
+        }
+        let s = ChunkStore::open(dir.path()).unwrap();
+        // Twice over, so that segments closed to make room are opened again.
+        for _ in 0..2 {
+            for (id, blob) in &chunks {
+                assert_eq!(s.get(*id).await.unwrap().0, blob.as_slice());
+                let open = s.shared.files.read().unwrap().len();
+                assert!(open <= OPEN_SEGMENTS, "{open} segments open");
+            }
+        }
+        assert_eq!(s.shared.files.read().unwrap().len(), OPEN_SEGMENTS);
+        s.close().await;
+    }
+
     #[test]
     fn index_entries_are_compact_and_every_form_decodes() {
         let cases = [
