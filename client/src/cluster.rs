@@ -246,9 +246,7 @@ impl Cluster {
         items: &[(ChunkId, Bytes)],
         layout_version: u64,
     ) -> std::result::Result<(), tonic::Status> {
-        let mut c = self
-            .node(addr)
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let channel = self.channels.channel(addr)?;
         let reqs: Vec<PutChunkRequest> = items
             .iter()
             .map(|(id, blob)| PutChunkRequest {
@@ -259,7 +257,7 @@ impl Cluster {
                 layout_version,
             })
             .collect();
-        let mut stream = c.put_chunks(tokio_stream::iter(reqs)).await?.into_inner();
+        let mut stream = cairn_proto::upload::put_chunks(channel, reqs).await?;
         let mut acked = 0;
         while let Some(_r) = stream.message().await? {
             acked += 1;

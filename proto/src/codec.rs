@@ -5,8 +5,9 @@
 //! it in place; profiles of storage nodes forwarding blobs showed those reallocations as a
 //! copy of their own. [`ChunkCodec`] reserves a message's whole encoded length before encoding
 //! it, so a blob is copied into the outgoing buffer once. Decoding is prost's, unchanged: a
-//! blob is a slice of the receive buffer, not a copy. Every put and get between clients and
-//! nodes goes through it, so the integration tests exercise it end to end.
+//! blob is a slice of the receive buffer, not a copy. Every get, and the decoding of every put,
+//! goes through it, so the integration tests exercise it end to end; puts are sent by
+//! [`crate::upload`], which does not copy blobs at all.
 
 use std::marker::PhantomData;
 

@@ -28,6 +28,7 @@ pub mod chunk {
 pub mod codec;
 pub mod coord_client;
 pub mod transport;
+pub mod upload;
 
 /// Number of placement partitions. Fixed for the life of a cluster.
 pub const PARTITIONS: u32 = 1024;

@@ -59,20 +59,22 @@ pub struct NodeChannels {
 }
 
 impl NodeChannels {
+    /// The cached channel to the storage node at `addr` (for [`crate::upload::put_chunks`]).
+    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self.map.lock().expect("channel cache lock");
+        Ok(match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = endpoint(addr)?.connect_lazy();
+                map.insert(addr.to_string(), c.clone());
+                c
+            }
+        })
+    }
+
     /// A client for the storage node at `addr`, on a cached channel.
     pub fn client(&self, addr: &str) -> Result<ChunkStoreClient<Channel>, Status> {
-        let ch = {
-            let mut map = self.map.lock().expect("channel cache lock");
-            match map.get(addr) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = endpoint(addr)?.connect_lazy();
-                    map.insert(addr.to_string(), c.clone());
-                    c
-                }
-            }
-        };
-        Ok(ChunkStoreClient::new(ch)
+        Ok(ChunkStoreClient::new(self.channel(addr)?)
             .max_decoding_message_size(crate::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(crate::MAX_MESSAGE_SIZE))
     }

@@ -323,12 +323,9 @@ impl Replicator {
         addr: &str,
         batch: Vec<PutChunkRequest>,
     ) -> Result<HashSet<ChunkId>, tonic::Status> {
-        let mut client = self.client(addr)?;
+        let channel = self.channels.channel(addr)?;
         let fut = async {
-            let mut stream = client
-                .put_chunks(tokio_stream::iter(batch))
-                .await?
-                .into_inner();
+            let mut stream = cairn_proto::upload::put_chunks(channel, batch).await?;
             let mut acked = HashSet::new();
             while let Some(r) = stream.message().await? {
                 if let Ok(id) = ChunkId::from_slice(&r.id) {
