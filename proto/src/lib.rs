@@ -27,6 +27,7 @@ pub mod chunk {
 
 pub mod codec;
 pub mod coord_client;
+pub mod receive;
 pub mod transport;
 pub mod upload;
 

@@ -16,7 +16,7 @@ use crate::chunk::chunk_store_client::ChunkStoreClient;
 pub const STREAM_WINDOW: u32 = 8 << 20;
 /// HTTP/2 connection window (all streams of one connection together).
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
-/// Largest HTTP/2 frame a Cairn server accepts. The protocol's default, 16 KiB, cuts every
+/// Largest HTTP/2 frame a Cairn server accepts (storage nodes: [`BLOB_FRAME`]). The protocol's default, 16 KiB, cuts every
 /// uploaded megabyte into 64 frames, each parsed and scheduled on its own. Frames as large as a
 /// whole blob cost a copy of their own: tonic buffers a message's first frame, then reserves the
 /// message's length on top of what it holds, so a blob that arrived in one frame was copied
@@ -24,6 +24,10 @@ pub const CONNECTION_WINDOW: u32 = 32 << 20;
 /// three nodes of the benchmark's first backup used about 0.35 CPU-s (4%) less than with 1 MiB
 /// frames, in seven interleaved pairs (128 KiB frames cost more again).
 pub const MAX_FRAME: u32 = 256 << 10;
+/// Largest HTTP/2 frame a storage node accepts: a whole blob of a chunk of up to 4 MiB, so that
+/// each blob a sender hands over as a frame of its own ([`crate::upload`]) arrives as one, which
+/// [`crate::receive`] passes on without copying (tonic's decoder is not used for puts).
+pub const BLOB_FRAME: u32 = (4 << 20) + (64 << 10);
 
 /// A tonic server with Cairn's HTTP/2 settings.
 pub fn server() -> tonic::transport::Server {

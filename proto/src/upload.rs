@@ -25,8 +25,6 @@ use tonic::{Code, Status};
 use crate::chunk::{PutChunkReply, PutChunkRequest};
 use crate::codec::ChunkCodec;
 
-/// The method's HTTP/2 path.
-const PATH: &str = "/cairn.chunk.ChunkStore/PutChunks";
 /// Blobs at least this long go out as frames of their own; shorter ones are copied in with
 /// their neighbours (a separate DATA frame costs more than copying a few kilobytes).
 const OWN_FRAME: usize = 32 * 1024;
@@ -56,7 +54,7 @@ impl http_body::Body for Frames {
 
 /// The gRPC-framed bytes of `reqs`: large blobs as frames of their own, everything else
 /// gathered into shared buffers.
-fn frames(reqs: Vec<PutChunkRequest>) -> VecDeque<Bytes> {
+pub(crate) fn frames(reqs: Vec<PutChunkRequest>) -> VecDeque<Bytes> {
     let mut out = VecDeque::new();
     let mut buf = BytesMut::new();
     for mut req in reqs {
@@ -101,7 +99,7 @@ pub async fn put_chunks(
     let body = tonic::body::boxed(Frames(frames(reqs)));
     let req = http::Request::builder()
         .method(http::Method::POST)
-        .uri(PATH)
+        .uri(crate::receive::PUT_CHUNKS_PATH)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
         .body(body)

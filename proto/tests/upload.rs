@@ -118,7 +118,7 @@ fn req(i: usize, blob_len: usize) -> PutChunkRequest {
                 .collect::<Vec<_>>(),
         ),
         hash: Bytes::from(vec![!(i as u8); 32]),
-        replica: i.is_multiple_of(3),
+        replica: i % 3 == 1,
         layout_version: 7 + i as u64,
     }
 }

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_proto::chunk::chunk_store_server::ChunkStoreServer;
 use cairn_proto::coord_client::CoordClient;
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -17,7 +16,7 @@ use crate::chunkstore::{ChunkStore, StoreError};
 use crate::healing::{HealConfig, Healer};
 use crate::membership::{Membership, MembershipError};
 use crate::replication::Replicator;
-use crate::service::ChunkService;
+use crate::service::{ChunkRouter, ChunkService};
 
 /// Storage node configuration (flags > environment > TOML file).
 #[derive(Debug, Clone, Deserialize)]
@@ -182,12 +181,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         tokio::spawn(healer.clone().run_scrub(rx.clone())),
         tokio::spawn(healer.clone().run_pulls(rx.clone())),
     ];
-    let svc = ChunkStoreServer::new(ChunkService::new(store.clone(), repl, me.clone(), healer))
-        .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE);
+    let svc = ChunkRouter::new(ChunkService::new(store.clone(), repl, me.clone(), healer));
     let incoming = cairn_proto::transport::incoming(listener);
     let server = tokio::spawn(
         cairn_proto::transport::server()
+            .max_frame_size(cairn_proto::transport::BLOB_FRAME)
             .concurrency_limit_per_connection(64)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async move {

@@ -5,12 +5,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_proto::chunk::chunk_store_server::ChunkStore as ChunkStoreRpc;
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use cairn_proto::chunk::chunk_store_server::{ChunkStore as ChunkStoreRpc, ChunkStoreServer};
 use cairn_proto::chunk::*;
 use cairn_proto::ChunkId;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::BoxBody;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::chunkstore::{ChunkStore, StoreError};
@@ -55,6 +61,80 @@ pub struct ChunkService {
 }
 
 impl ChunkService {
+    /// Handles one put stream: its messages in groups (one write group, one `fsync` each),
+    /// validated, stored and replicated; the replies come through the returned channel, which
+    /// closes after the last (or after the first error).
+    pub fn put_stream<S>(&self, mut inbound: S) -> mpsc::Receiver<Result<PutChunkReply, Status>>
+    where
+        S: Stream<Item = Result<PutChunkRequest, Status>> + Send + Unpin + 'static,
+    {
+        let repl = self.repl.clone();
+        let (tx, rx) = mpsc::channel(PUT_GROUP);
+        // Ends when the client closes its stream, on the first error, or when the connection drops.
+        tokio::spawn(async move {
+            loop {
+                let first = match inbound.next().await {
+                    Some(Ok(m)) => m,
+                    None => return,
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let mut group = vec![first];
+                let mut bytes = group[0].blob.len();
+                while group.len() < PUT_GROUP && bytes < PUT_GROUP_BYTES {
+                    match inbound.next().now_or_never() {
+                        Some(Some(Ok(m))) => {
+                            bytes += m.blob.len();
+                            group.push(m);
+                        }
+                        _ => break,
+                    }
+                }
+                let replica = group[0].replica;
+                let sender_layout = group.iter().map(|m| m.layout_version).max().unwrap_or(0);
+                let result = async {
+                    if group.iter().any(|m| m.replica != replica) {
+                        return Err(ReplError::Invalid(
+                            "a stream mixes replica and client puts".into(),
+                        ));
+                    }
+                    // Validate the whole group before storing anything.
+                    let items = group
+                        .iter()
+                        .map(|m| validate(&m.id, &m.blob, &m.hash))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if replica {
+                        repl.put_replica(items, sender_layout).await
+                    } else {
+                        repl.put_primary(items, sender_layout).await
+                    }
+                }
+                .await;
+                match result {
+                    Ok(acks) => {
+                        for a in acks {
+                            let reply = PutChunkReply {
+                                id: Bytes::copy_from_slice(&a.id.0),
+                                copies: a.copies,
+                                existed: a.existed,
+                            };
+                            if tx.send(Ok(reply)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
     /// Serves `store` through `repl`; `healer` learns of corrupt or missing copies.
     pub fn new(
         store: ChunkStore,
@@ -110,71 +190,7 @@ impl ChunkStoreRpc for ChunkService {
         &self,
         req: Request<Streaming<PutChunkRequest>>,
     ) -> Result<Response<Self::PutChunksStream>, Status> {
-        let mut inbound = req.into_inner();
-        let repl = self.repl.clone();
-        let (tx, rx) = mpsc::channel(PUT_GROUP);
-        // Ends when the client closes its stream, on the first error, or when the connection drops.
-        tokio::spawn(async move {
-            loop {
-                let first = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let mut group = vec![first];
-                let mut bytes = group[0].blob.len();
-                while group.len() < PUT_GROUP && bytes < PUT_GROUP_BYTES {
-                    match inbound.message().now_or_never() {
-                        Some(Ok(Some(m))) => {
-                            bytes += m.blob.len();
-                            group.push(m);
-                        }
-                        _ => break,
-                    }
-                }
-                let replica = group[0].replica;
-                let sender_layout = group.iter().map(|m| m.layout_version).max().unwrap_or(0);
-                let result = async {
-                    if group.iter().any(|m| m.replica != replica) {
-                        return Err(ReplError::Invalid(
-                            "a stream mixes replica and client puts".into(),
-                        ));
-                    }
-                    // Validate the whole group before storing anything.
-                    let items = group
-                        .iter()
-                        .map(|m| validate(&m.id, &m.blob, &m.hash))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    if replica {
-                        repl.put_replica(items, sender_layout).await
-                    } else {
-                        repl.put_primary(items, sender_layout).await
-                    }
-                }
-                .await;
-                match result {
-                    Ok(acks) => {
-                        for a in acks {
-                            let reply = PutChunkReply {
-                                id: Bytes::copy_from_slice(&a.id.0),
-                                copies: a.copies,
-                                existed: a.existed,
-                            };
-                            if tx.send(Ok(reply)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
-                        return;
-                    }
-                }
-            }
-        });
+        let rx = self.put_stream(req.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -304,5 +320,52 @@ impl ChunkStoreRpc for ChunkService {
                 .map(|i| Bytes::copy_from_slice(&i.0))
                 .collect(),
         }))
+    }
+}
+
+/// The chunk service as the server runs it: `PutChunks` streams are read by
+/// [`cairn_proto::receive`], which hands on blobs as slices of the frames they arrived in where
+/// tonic's decoder copies every frame first; every other method goes to the generated server.
+#[derive(Clone)]
+pub struct ChunkRouter {
+    svc: Arc<ChunkService>,
+    generated: ChunkStoreServer<ChunkService>,
+}
+
+impl ChunkRouter {
+    /// Routes calls to `svc`.
+    pub fn new(svc: ChunkService) -> Self {
+        let svc = Arc::new(svc);
+        Self {
+            generated: ChunkStoreServer::from_arc(svc.clone())
+                .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
+            svc,
+        }
+    }
+}
+
+impl NamedService for ChunkRouter {
+    const NAME: &'static str = <ChunkStoreServer<ChunkService> as NamedService>::NAME;
+}
+
+impl Service<http::Request<BoxBody>> for ChunkRouter {
+    type Response = http::Response<BoxBody>;
+    type Error = Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<BoxBody>) -> Self::Future {
+        if req.uri().path() == cairn_proto::receive::PUT_CHUNKS_PATH {
+            let requests =
+                cairn_proto::receive::put_requests(req.into_body(), cairn_proto::MAX_MESSAGE_SIZE);
+            let replies = self.svc.put_stream(requests);
+            return Box::pin(async move { Ok(cairn_proto::receive::reply_body(replies)) });
+        }
+        Box::pin(self.generated.call(req))
     }
 }
