@@ -255,9 +255,10 @@ impl Cluster {
                 blob: blob.clone(),
                 replica: false,
                 layout_version,
+                crc32: None,
             })
             .collect();
-        let mut stream = cairn_proto::upload::put_chunks(channel, reqs).await?;
+        let mut stream = cairn_proto::upload::put_chunks(channel, reqs, None).await?;
         let mut acked = 0;
         while let Some(_r) = stream.message().await? {
             acked += 1;

@@ -336,6 +336,9 @@ impl TestCluster {
             self.spec.resync_ms.to_string(),
             "--scrub-ms".into(),
             self.spec.scrub_ms.to_string(),
+            // One secret per test cluster: forwarded puts take the CRC-32 path.
+            "--cluster-secret".into(),
+            self.cluster_secret(),
         ];
         self.nodes.push(Proc::start(
             format!("node-{i}"),
@@ -365,6 +368,11 @@ impl TestCluster {
     }
 
     /// Data directory of node `i`.
+    /// The secret its storage nodes share (`--cluster-secret`).
+    pub fn cluster_secret(&self) -> String {
+        format!("test cluster {}", self.dir.path().display())
+    }
+
     pub fn node_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("node-{i}"))
     }

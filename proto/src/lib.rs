@@ -41,6 +41,47 @@ pub const MAX_BLOB_SIZE: usize = 16 * 1024 * 1024 + 64 * 1024;
 pub const MAX_MESSAGE_SIZE: usize = MAX_BLOB_SIZE + 1024 * 1024;
 /// Metadata header that carries the leader's address on a redirect.
 pub const LEADER_HEADER: &str = "cairn-leader";
+/// Metadata header of a put stream between storage nodes that share the cluster secret.
+pub const REPLICA_TOKEN_HEADER: &str = "cairn-replica-token";
+
+/// What storage nodes configured with the same cluster secret show each other on the put
+/// streams they forward to replicas (derived from the secret, which is never sent). A replica
+/// that recognises it trusts the stream's blob hashes, verified by the node that forwards them,
+/// and checks each blob's CRC-32 against damage in transit instead of hashing it again.
+#[derive(Clone)]
+pub struct ReplicaToken(blake3::Hash);
+
+impl ReplicaToken {
+    /// The token of `secret` (any non-empty string shared by the cluster's storage nodes).
+    pub fn from_secret(secret: &str) -> Self {
+        Self(blake3::Hash::from(blake3::derive_key(
+            "cairn storage node replica token v1",
+            secret.as_bytes(),
+        )))
+    }
+
+    /// The header value that carries it.
+    pub fn header_value(&self) -> tonic::metadata::AsciiMetadataValue {
+        self.0
+            .to_hex()
+            .parse()
+            .expect("hex is a valid metadata value")
+    }
+
+    /// Whether a received header value is this token (compared in constant time).
+    pub fn matches(&self, value: &[u8]) -> bool {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| blake3::Hash::from_hex(s).ok())
+            .is_some_and(|h| h == self.0)
+    }
+}
+
+impl fmt::Debug for ReplicaToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplicaToken(..)")
+    }
+}
 
 /// Errors in wire-level values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

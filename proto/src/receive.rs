@@ -338,6 +338,7 @@ mod tests {
             hash: Bytes::from(vec![i as u8; 32]),
             replica: i % 2 == 1,
             layout_version: i as u64,
+            crc32: (i % 3 == 1).then_some(i as u32 * 77),
         }
     }
 

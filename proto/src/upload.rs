@@ -92,16 +92,26 @@ pub(crate) fn frames(reqs: Vec<PutChunkRequest>) -> VecDeque<Bytes> {
 
 /// Sends `reqs` as one `PutChunks` stream over `channel` and returns the reply stream, as the
 /// generated client's `put_chunks` does.
+/// A storage node forwarding to replicas passes its [`crate::ReplicaToken`].
 pub async fn put_chunks(
     channel: Channel,
     reqs: Vec<PutChunkRequest>,
+    token: Option<&crate::ReplicaToken>,
 ) -> Result<Streaming<PutChunkReply>, Status> {
     let body = tonic::body::boxed(Frames(frames(reqs)));
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(http::Method::POST)
         .uri(crate::receive::PUT_CHUNKS_PATH)
         .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
+        .header(http::header::TE, "trailers");
+    if let Some(t) = token {
+        req = req.header(
+            crate::REPLICA_TOKEN_HEADER,
+            http::HeaderValue::from_bytes(t.header_value().as_bytes())
+                .expect("hex is a valid header value"),
+        );
+    }
+    let req = req
         .body(body)
         .map_err(|e| Status::internal(format!("building a put request: {e}")))?;
     let mut svc = channel;
@@ -140,6 +150,7 @@ mod tests {
             hash: Bytes::from(vec![!(i as u8); 32]),
             replica: i % 2 == 1,
             layout_version: i as u64 * 1000,
+            crc32: None,
         }
     }
 

@@ -20,6 +20,7 @@ const REFUSE: u8 = 0xEE;
 #[derive(Default)]
 struct Recorder {
     got: Arc<Mutex<Vec<PutChunkRequest>>>,
+    tokens: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
     refuse_calls: bool,
 }
 
@@ -37,6 +38,11 @@ impl ChunkStore for Recorder {
         if self.refuse_calls {
             return Err(Status::unavailable("node is shutting down"));
         }
+        self.tokens.lock().unwrap().push(
+            req.metadata()
+                .get(cairn_proto::REPLICA_TOKEN_HEADER)
+                .map(|v| v.as_bytes().to_vec()),
+        );
         let got = self.got.clone();
         let replies = req.into_inner().map(move |m| {
             let m = m?;
@@ -120,6 +126,7 @@ fn req(i: usize, blob_len: usize) -> PutChunkRequest {
         hash: Bytes::from(vec![!(i as u8); 32]),
         replica: i % 3 == 1,
         layout_version: 7 + i as u64,
+        crc32: (i % 4 == 1).then_some(i as u32),
     }
 }
 
@@ -127,13 +134,15 @@ fn req(i: usize, blob_len: usize) -> PutChunkRequest {
 async fn the_server_decodes_what_was_sent_and_replies_in_order() {
     let svc = Recorder::default();
     let got = svc.got.clone();
+    let tokens = svc.tokens.clone();
     let addr = serve(svc).await;
     let channels = NodeChannels::default();
+    let token = cairn_proto::ReplicaToken::from_secret("the cluster's secret");
     // Empty, small, gathered, frame-sized and larger-than-a-frame blobs, and many of them.
     let mut sizes = vec![0, 1, 4096, 32 * 1024, 256 * 1024, 256 * 1024 + 1, 5 << 20];
     sizes.extend((0..300).map(|k| 100 + k * 37));
     let reqs: Vec<_> = sizes.iter().enumerate().map(|(i, &n)| req(i, n)).collect();
-    let mut replies = put_chunks(channels.channel(&addr).unwrap(), reqs.clone())
+    let mut replies = put_chunks(channels.channel(&addr).unwrap(), reqs.clone(), Some(&token))
         .await
         .expect("call accepted");
     let mut n = 0;
@@ -145,6 +154,11 @@ async fn the_server_decodes_what_was_sent_and_replies_in_order() {
     }
     assert_eq!(n, reqs.len());
     assert_eq!(*got.lock().unwrap(), reqs);
+    let sent = tokens.lock().unwrap()[0]
+        .clone()
+        .expect("the token was sent");
+    assert!(token.matches(&sent));
+    assert!(!cairn_proto::ReplicaToken::from_secret("another secret").matches(&sent));
 }
 
 #[tokio::test]
@@ -155,7 +169,7 @@ async fn a_refusal_mid_stream_or_before_any_reply_is_the_callers_error() {
     let channels = NodeChannels::default();
     let mut reqs: Vec<_> = (0..4).map(|i| req(i, 1 << 20)).collect();
     reqs[2].id = Bytes::from(vec![REFUSE; 32]);
-    let mut replies = put_chunks(channels.channel(&addr).unwrap(), reqs.clone())
+    let mut replies = put_chunks(channels.channel(&addr).unwrap(), reqs.clone(), None)
         .await
         .expect("call accepted");
     let mut ok = 0;
@@ -176,7 +190,7 @@ async fn a_refusal_mid_stream_or_before_any_reply_is_the_callers_error() {
         ..Default::default()
     })
     .await;
-    let err = match put_chunks(channels.channel(&addr).unwrap(), reqs).await {
+    let err = match put_chunks(channels.channel(&addr).unwrap(), reqs, None).await {
         Ok(mut s) => s.message().await.expect_err("refused"),
         Err(e) => e,
     };
@@ -190,7 +204,7 @@ async fn an_unreachable_node_is_an_error_not_a_hang() {
     let addr = listener.local_addr().unwrap().to_string();
     drop(listener);
     let channels = NodeChannels::default();
-    let err = put_chunks(channels.channel(&addr).unwrap(), vec![req(1, 10)])
+    let err = put_chunks(channels.channel(&addr).unwrap(), vec![req(1, 10)], None)
         .await
         .expect_err("nothing listens");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");

@@ -49,6 +49,11 @@ pub struct Config {
     /// Pause between scrub passes.
     #[serde(default = "d_scrub")]
     pub scrub_ms: u64,
+    /// A secret shared by the cluster's storage nodes: nodes with the same one trust the blob
+    /// hashes of the puts they forward to each other and check those blobs' CRC-32 instead of
+    /// hashing them again. Without it (or with different ones) replicas verify every hash.
+    #[serde(default)]
+    pub cluster_secret: Option<String>,
 }
 
 fn d_resync() -> u64 {
@@ -154,7 +159,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     );
     let me =
         Membership::register(&cfg.data_dir, coord, advertise, cfg.zone.clone(), capacity).await?;
-    let repl = Replicator::new(me.clone(), store.clone())?;
+    let token = cfg
+        .cluster_secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(cairn_proto::ReplicaToken::from_secret);
+    let repl = Replicator::new(me.clone(), store.clone(), token.clone())?;
     let healer = Healer::new(
         me.clone(),
         store.clone(),
@@ -181,7 +191,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         tokio::spawn(healer.clone().run_scrub(rx.clone())),
         tokio::spawn(healer.clone().run_pulls(rx.clone())),
     ];
-    let svc = ChunkRouter::new(ChunkService::new(store.clone(), repl, me.clone(), healer));
+    let svc = ChunkRouter::new(
+        ChunkService::new(store.clone(), repl, me.clone(), healer),
+        token,
+    );
     let incoming = cairn_proto::transport::incoming(listener);
     let server = tokio::spawn(
         cairn_proto::transport::server()

@@ -193,6 +193,7 @@ impl Healer {
                         hash: Bytes::copy_from_slice(&hash),
                         replica: true,
                         layout_version,
+                        crc32: None,
                     });
                 }
                 Err(StoreError::Corrupt(id)) => {

@@ -50,6 +50,9 @@ struct Args {
     /// Pause between scrub passes in ms.
     #[arg(long, env = "CAIRN_SCRUB_MS")]
     scrub_ms: Option<u64>,
+    /// Secret shared by the cluster's storage nodes (forwarded puts are then checked by CRC-32).
+    #[arg(long, env = "CAIRN_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
     /// TOML configuration file (keys as the long flags).
     #[arg(long, env = "CAIRN_CONFIG")]
     config: Option<PathBuf>,
@@ -88,6 +91,10 @@ fn load(args: Args) -> anyhow::Result<Config> {
     }
     set("zone", args.zone.map(toml::Value::String));
     set("capacity", args.capacity.map(toml::Value::String));
+    set(
+        "cluster-secret",
+        args.cluster_secret.map(toml::Value::String),
+    );
     for (k, v) in [
         ("heartbeat-ms", args.heartbeat_ms),
         ("resync-ms", args.resync_ms),

@@ -15,7 +15,7 @@ use cairn_proto::chunk::chunk_store_client::ChunkStoreClient;
 use cairn_proto::chunk::PutChunkRequest;
 use cairn_proto::transport::NodeChannels;
 use cairn_proto::types::Layout;
-use cairn_proto::{ChunkId, MAX_BLOB_SIZE};
+use cairn_proto::{ChunkId, ReplicaToken, MAX_BLOB_SIZE};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{watch, Notify};
 use tonic::transport::Channel;
@@ -66,8 +66,8 @@ pub enum ReplError {
     Store(#[from] StoreError),
 }
 
-/// Validates a received chunk without storing anything.
-pub fn validate(id: &[u8], blob: &Bytes, hash: &[u8]) -> Result<PutItem, ReplError> {
+/// The id, size and hash length of a received chunk, checked.
+fn parse(id: &[u8], blob: &Bytes, hash: &[u8]) -> Result<(ChunkId, [u8; 32]), ReplError> {
     let id = ChunkId::from_slice(id).map_err(|e| ReplError::Invalid(e.to_string()))?;
     if blob.len() > MAX_BLOB_SIZE {
         return Err(ReplError::Invalid(format!(
@@ -78,9 +78,36 @@ pub fn validate(id: &[u8], blob: &Bytes, hash: &[u8]) -> Result<PutItem, ReplErr
     let hash: [u8; 32] = hash
         .try_into()
         .map_err(|_| ReplError::Invalid(format!("chunk {id}: blob hash must be 32 bytes")))?;
+    Ok((id, hash))
+}
+
+/// Validates a received chunk without storing anything.
+pub fn validate(id: &[u8], blob: &Bytes, hash: &[u8]) -> Result<PutItem, ReplError> {
+    let (id, hash) = parse(id, blob, hash)?;
     if cairn_proto::blob_hash(blob) != hash {
         return Err(ReplError::Invalid(format!(
             "chunk {id}: blob does not match its blake3 hash"
+        )));
+    }
+    Ok(PutItem {
+        id,
+        hash,
+        blob: blob.clone(),
+    })
+}
+
+/// Validates a chunk forwarded by a node that showed the cluster's token: the blob must match
+/// the CRC-32 it came with; its hash, verified by that node, is taken as sent.
+pub fn validate_forwarded(
+    id: &[u8],
+    blob: &Bytes,
+    hash: &[u8],
+    crc32: u32,
+) -> Result<PutItem, ReplError> {
+    let (id, hash) = parse(id, blob, hash)?;
+    if crc32fast::hash(blob) != crc32 {
+        return Err(ReplError::Invalid(format!(
+            "chunk {id}: forwarded blob does not match its CRC-32"
         )));
     }
     Ok(PutItem {
@@ -109,6 +136,8 @@ pub struct Replicator {
     wake: Notify,
     channels: NodeChannels,
     repairs_done: std::sync::atomic::AtomicU64,
+    /// Shown to replicas on forwarded puts (see [`cairn_proto::ReplicaToken`]).
+    token: Option<ReplicaToken>,
 }
 
 fn now_ms() -> u64 {
@@ -127,7 +156,11 @@ fn repair_key(id: &ChunkId, node: u64) -> [u8; 40] {
 
 impl Replicator {
     /// Creates the replicator over `store`, with its repair queue in the same database.
-    pub fn new(me: Arc<Membership>, store: ChunkStore) -> Result<Arc<Self>, StoreError> {
+    pub fn new(
+        me: Arc<Membership>,
+        store: ChunkStore,
+        token: Option<ReplicaToken>,
+    ) -> Result<Arc<Self>, StoreError> {
         let repair = store.open_tree("repair")?;
         Ok(Arc::new(Self {
             me,
@@ -136,6 +169,7 @@ impl Replicator {
             wake: Notify::new(),
             channels: NodeChannels::default(),
             repairs_done: Default::default(),
+            token,
         }))
     }
 
@@ -258,6 +292,7 @@ impl Replicator {
                     hash: Bytes::copy_from_slice(&items[i].hash),
                     replica: true,
                     layout_version: layout.version,
+                    crc32: None,
                 })
                 .collect();
             async move {
@@ -317,15 +352,22 @@ impl Replicator {
         (copies, missing)
     }
 
-    /// Sends chunks to a replica; returns the ids it acknowledged.
+    /// Sends chunks to a replica; returns the ids it acknowledged. With the cluster's token,
+    /// each blob goes with its CRC-32 (see [`cairn_proto::ReplicaToken`]).
     pub async fn forward(
         &self,
         addr: &str,
-        batch: Vec<PutChunkRequest>,
+        mut batch: Vec<PutChunkRequest>,
     ) -> Result<HashSet<ChunkId>, tonic::Status> {
         let channel = self.channels.channel(addr)?;
+        if self.token.is_some() {
+            for r in &mut batch {
+                r.crc32 = Some(crc32fast::hash(&r.blob));
+            }
+        }
         let fut = async {
-            let mut stream = cairn_proto::upload::put_chunks(channel, batch).await?;
+            let mut stream =
+                cairn_proto::upload::put_chunks(channel, batch, self.token.as_ref()).await?;
             let mut acked = HashSet::new();
             while let Some(r) = stream.message().await? {
                 if let Ok(id) = ChunkId::from_slice(&r.id) {
@@ -402,6 +444,7 @@ impl Replicator {
                         hash: Bytes::copy_from_slice(&hash),
                         replica: true,
                         layout_version: layout.version,
+                        crc32: None,
                     }),
                     Err(e) => {
                         warn!(chunk = %id, error = %e, "cannot repair: local copy unreadable");

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use cairn_proto::chunk::chunk_store_server::{ChunkStore as ChunkStoreRpc, ChunkStoreServer};
 use cairn_proto::chunk::*;
-use cairn_proto::ChunkId;
+use cairn_proto::{ChunkId, ReplicaToken, REPLICA_TOKEN_HEADER};
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::chunkstore::{ChunkStore, StoreError};
 use crate::healing::Healer;
 use crate::membership::Membership;
-use crate::replication::{validate, ReplError, Replicator};
+use crate::replication::{validate, validate_forwarded, ReplError, Replicator};
 
 /// Most ids one has/get request may name.
 pub const MAX_IDS: usize = 10_000;
@@ -63,8 +63,13 @@ pub struct ChunkService {
 impl ChunkService {
     /// Handles one put stream: its messages in groups (one write group, one `fsync` each),
     /// validated, stored and replicated; the replies come through the returned channel, which
-    /// closes after the last (or after the first error).
-    pub fn put_stream<S>(&self, mut inbound: S) -> mpsc::Receiver<Result<PutChunkReply, Status>>
+    /// closes after the last (or after the first error). On a `trusted` stream (it showed the
+    /// cluster's replica token) a forwarded blob with a CRC-32 is checked by it, not hashed.
+    pub fn put_stream<S>(
+        &self,
+        mut inbound: S,
+        trusted: bool,
+    ) -> mpsc::Receiver<Result<PutChunkReply, Status>>
     where
         S: Stream<Item = Result<PutChunkRequest, Status>> + Send + Unpin + 'static,
     {
@@ -103,7 +108,12 @@ impl ChunkService {
                     // Validate the whole group before storing anything.
                     let items = group
                         .iter()
-                        .map(|m| validate(&m.id, &m.blob, &m.hash))
+                        .map(|m| match m.crc32 {
+                            Some(crc) if trusted && m.replica => {
+                                validate_forwarded(&m.id, &m.blob, &m.hash, crc)
+                            }
+                            _ => validate(&m.id, &m.blob, &m.hash),
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     if replica {
                         repl.put_replica(items, sender_layout).await
@@ -190,7 +200,8 @@ impl ChunkStoreRpc for ChunkService {
         &self,
         req: Request<Streaming<PutChunkRequest>>,
     ) -> Result<Response<Self::PutChunksStream>, Status> {
-        let rx = self.put_stream(req.into_inner());
+        // Only the router's streams are trusted: it checks the token.
+        let rx = self.put_stream(req.into_inner(), false);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -330,13 +341,15 @@ impl ChunkStoreRpc for ChunkService {
 pub struct ChunkRouter {
     svc: Arc<ChunkService>,
     generated: ChunkStoreServer<ChunkService>,
+    token: Option<ReplicaToken>,
 }
 
 impl ChunkRouter {
-    /// Routes calls to `svc`.
-    pub fn new(svc: ChunkService) -> Self {
+    /// Routes calls to `svc`; put streams that show `token` are trusted.
+    pub fn new(svc: ChunkService, token: Option<ReplicaToken>) -> Self {
         let svc = Arc::new(svc);
         Self {
+            token,
             generated: ChunkStoreServer::from_arc(svc.clone())
                 .max_decoding_message_size(cairn_proto::MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(cairn_proto::MAX_MESSAGE_SIZE),
@@ -361,9 +374,13 @@ impl Service<http::Request<BoxBody>> for ChunkRouter {
 
     fn call(&mut self, req: http::Request<BoxBody>) -> Self::Future {
         if req.uri().path() == cairn_proto::receive::PUT_CHUNKS_PATH {
+            let trusted = match (&self.token, req.headers().get(REPLICA_TOKEN_HEADER)) {
+                (Some(t), Some(v)) => t.matches(v.as_bytes()),
+                _ => false,
+            };
             let requests =
                 cairn_proto::receive::put_requests(req.into_body(), cairn_proto::MAX_MESSAGE_SIZE);
-            let replies = self.svc.put_stream(requests);
+            let replies = self.svc.put_stream(requests, trusted);
             return Box::pin(async move { Ok(cairn_proto::receive::reply_body(replies)) });
         }
         Box::pin(self.generated.call(req))

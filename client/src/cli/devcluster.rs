@@ -66,10 +66,17 @@ struct Proc {
     child: Child,
 }
 
-fn spawn(name: &str, bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+fn spawn(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> anyhow::Result<Proc> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let child = Command::new(bin)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -143,7 +150,7 @@ pub async fn run(o: DevOptions, json: bool) -> anyhow::Result<()> {
                 args.push("--peer".into());
                 args.push(p.clone());
             }
-            procs.push(spawn(&format!("coordinator-{id}"), &coord_bin, &args, &dir.join(format!("logs/coordinator-{id}.log")))?);
+            procs.push(spawn(&format!("coordinator-{id}"), &coord_bin, &args, &[], &dir.join(format!("logs/coordinator-{id}.log")))?);
         }
         let coord = CoordClient::new(state.coordinators.clone())?.with_deadline(Duration::from_secs(60));
         let status = coord.call(|mut c| async move { c.cluster_status(ClusterStatusRequest {}).await }).await?;
@@ -154,6 +161,7 @@ pub async fn run(o: DevOptions, json: bool) -> anyhow::Result<()> {
                 .await?;
         }
         let joined = state.coordinators.join(",");
+        let secret = hex::encode(rand::random::<[u8; 16]>());
         for j in 1..=o.nodes {
             let args = vec![
                 "--listen".into(),
@@ -165,7 +173,14 @@ pub async fn run(o: DevOptions, json: bool) -> anyhow::Result<()> {
                 "--zone".into(),
                 format!("zone-{}", (j - 1) % o.zones.max(1) + 1),
             ];
-            procs.push(spawn(&format!("node-{j}"), &node_bin, &args, &dir.join(format!("logs/node-{j}.log")))?);
+            procs.push(spawn(
+                &format!("node-{j}"),
+                &node_bin,
+                &args,
+                // In the environment: a command line is readable by every user.
+                &[("CAIRN_CLUSTER_SECRET", &secret)],
+                &dir.join(format!("logs/node-{j}.log")),
+            )?);
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -215,6 +215,7 @@ async fn bad_chunks_are_refused_and_store_nothing() {
         blob,
         replica: false,
         layout_version: layout.version,
+        crc32: None,
     };
     let data = Bytes::from(random_bytes(1, 1000));
     let good_hash = cairn_proto::blob_hash(&data).to_vec();
@@ -266,6 +267,105 @@ async fn bad_chunks_are_refused_and_store_nothing() {
         .into_inner();
     assert_eq!(has.present, vec![false, false], "nothing was stored");
     assert_eq!(c.node_stats(0).await.unwrap().chunks, 0);
+}
+
+/// A replica put is checked by its CRC-32 alone only on a stream that shows the token of the
+/// cluster's secret; without it, or with another, its hash is verified as for any put; a
+/// client put's hash always is.
+#[tokio::test]
+async fn forwarded_puts_skip_the_hash_only_with_the_cluster_token() {
+    let c = TestCluster::start(Spec {
+        coordinators: 1,
+        nodes: 3,
+        replicas: 1,
+        zones: 1,
+        ..Default::default()
+    })
+    .await;
+    let layout = cairn_client::Cluster::connect(c.coordinator_addrs.clone())
+        .await
+        .unwrap()
+        .layout();
+    let me = c.node_stats(0).await.unwrap().node_id;
+    let ids: Vec<ChunkId> = (0u64..)
+        .map(|i| ChunkId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
+        .filter(|id| layout.replicas(id.partition()).contains(&me))
+        .take(2)
+        .collect();
+    let data = Bytes::from(random_bytes(2, 5000));
+    let good_hash = cairn_proto::blob_hash(&data).to_vec();
+    let crc = crc32fast::hash(&data);
+    let put = |id: &ChunkId, hash: &[u8], crc32: u32, replica: bool| PutChunkRequest {
+        id: Bytes::copy_from_slice(&id.0),
+        blob: data.clone(),
+        hash: Bytes::copy_from_slice(hash),
+        replica,
+        layout_version: layout.version,
+        crc32: Some(crc32),
+    };
+    let token = cairn_proto::ReplicaToken::from_secret(&c.cluster_secret());
+    let other = cairn_proto::ReplicaToken::from_secret("another cluster");
+    let channels = cairn_proto::transport::NodeChannels::default();
+    let send = |req: PutChunkRequest, token: Option<cairn_proto::ReplicaToken>| {
+        let ch = channels.channel(&c.node_addrs[0]).unwrap();
+        async move {
+            let mut s = cairn_proto::upload::put_chunks(ch, vec![req], token.as_ref()).await?;
+            s.message().await.map(|r| r.is_some())
+        }
+    };
+    let wrong_hash = [7u8; 32];
+    let cases = [
+        (
+            "token, blob damaged after its CRC",
+            put(&ids[0], &good_hash, crc ^ 1, true),
+            Some(token.clone()),
+            "CRC-32",
+        ),
+        (
+            "another cluster's token, wrong hash",
+            put(&ids[0], &wrong_hash, crc, true),
+            Some(other),
+            "blake3",
+        ),
+        (
+            "no token, wrong hash",
+            put(&ids[0], &wrong_hash, crc, true),
+            None,
+            "blake3",
+        ),
+        (
+            "token on a client put, wrong hash",
+            put(&ids[0], &wrong_hash, crc, false),
+            Some(token.clone()),
+            "blake3",
+        ),
+    ];
+    for (what, req, token, says) in cases {
+        let e = send(req, token).await.expect_err(what);
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+        assert!(e.message().contains(says), "{what}: {e:?}");
+    }
+    assert_eq!(
+        c.node_stats(0).await.unwrap().chunks,
+        0,
+        "nothing was stored"
+    );
+    // With the token and its CRC-32 the forwarded blob is stored, and reads back verified.
+    assert!(send(put(&ids[1], &good_hash, crc, true), Some(token))
+        .await
+        .unwrap());
+    let mut got = c
+        .node_client(0)
+        .get_chunks(GetChunksRequest {
+            ids: vec![Bytes::copy_from_slice(&ids[1].0)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = got.message().await.unwrap().unwrap();
+    assert_eq!(r.error, "");
+    assert_eq!(r.blob, data);
+    assert_eq!(&r.hash[..], &good_hash[..]);
 }
 
 fn tokio_stream_once(r: PutChunkRequest) -> impl futures::Stream<Item = PutChunkRequest> {
