@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::warn;
 
+use crate::cluster::Blob;
 use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -273,13 +274,13 @@ async fn upload_batch(repo: Repository, batch: Vec<(ChunkId, Bytes)>) -> Result<
         let mut sealer = keys.sealer();
         missing
             .into_iter()
-            .map(|(id, p)| sealer.seal(&id, &p).map(|b| (id, Bytes::from(b))))
+            .map(|(id, p)| sealer.seal(&id, &p).map(|b| Blob::new(id, Bytes::from(b))))
             .collect::<Result<Vec<_>>>()
     })
     .await
     .map_err(|e| Error::Invalid(format!("sealing task failed: {e}")))??;
     let up = Uploaded {
-        bytes: sealed.iter().map(|(_, b)| b.len() as u64).sum(),
+        bytes: sealed.iter().map(|b| b.data.len() as u64).sum(),
         chunks: sealed.len() as u64,
     };
     repo.cluster.put(sealed).await?;

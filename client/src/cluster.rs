@@ -37,6 +37,26 @@ pub struct BadCopy {
     pub error: String,
 }
 
+/// A sealed chunk, ready to upload: its id, its blob, and the blob's BLAKE3 hash, which every
+/// put carries (computed where the chunk is sealed, while the blob is still in the cache).
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// The chunk id.
+    pub id: ChunkId,
+    /// `encrypt(compress(plaintext))`.
+    pub data: Bytes,
+    /// `blake3(data)`.
+    pub hash: [u8; 32],
+}
+
+impl Blob {
+    /// Hashes `data`.
+    pub fn new(id: ChunkId, data: Bytes) -> Self {
+        let hash = cairn_proto::blob_hash(&data);
+        Self { id, data, hash }
+    }
+}
+
 /// Connection to a cluster.
 pub struct Cluster {
     /// The coordinator client.
@@ -174,7 +194,7 @@ impl Cluster {
     }
 
     /// Uploads sealed blobs; returns once every one is acknowledged at the write quorum.
-    pub async fn put(&self, blobs: Vec<(ChunkId, Bytes)>) -> Result<()> {
+    pub async fn put(&self, blobs: Vec<Blob>) -> Result<()> {
         let mut pending = blobs;
         for attempt in 0..3 {
             let layout = if attempt == 0 {
@@ -182,12 +202,12 @@ impl Cluster {
             } else {
                 self.refresh_layout().await?
             };
-            let mut groups: BTreeMap<Vec<u64>, Vec<(ChunkId, Bytes)>> = BTreeMap::new();
-            for (id, blob) in pending.drain(..) {
+            let mut groups: BTreeMap<Vec<u64>, Vec<Blob>> = BTreeMap::new();
+            for blob in pending.drain(..) {
                 groups
-                    .entry(layout.replicas(id.partition()).to_vec())
+                    .entry(layout.replicas(blob.id.partition()).to_vec())
                     .or_default()
-                    .push((id, blob));
+                    .push(blob);
             }
             let sends = groups.into_iter().map(|(set, items)| {
                 let layout = layout.clone();
@@ -243,16 +263,16 @@ impl Cluster {
     async fn put_to(
         &self,
         addr: &str,
-        items: &[(ChunkId, Bytes)],
+        items: &[Blob],
         layout_version: u64,
     ) -> std::result::Result<(), tonic::Status> {
         let channel = self.channels.channel(addr)?;
         let reqs: Vec<PutChunkRequest> = items
             .iter()
-            .map(|(id, blob)| PutChunkRequest {
-                id: Bytes::copy_from_slice(&id.0),
-                hash: Bytes::copy_from_slice(&cairn_proto::blob_hash(blob)),
-                blob: blob.clone(),
+            .map(|b| PutChunkRequest {
+                id: Bytes::copy_from_slice(&b.id.0),
+                hash: Bytes::copy_from_slice(&b.hash),
+                blob: b.data.clone(),
                 replica: false,
                 layout_version,
                 crc32: None,

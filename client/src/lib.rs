@@ -32,7 +32,7 @@ mod tree;
 
 pub use backup::{BackupKind, BackupOptions, BackupSummary, ChunkerOptions};
 pub use chunker::chunk_stream;
-pub use cluster::{BadCopy, Cluster};
+pub use cluster::{BadCopy, Blob, Cluster};
 pub use crypto::{Keys, KDF};
 pub use error::{Error, Result};
 pub use inspect::{CheckReport, DiffEntry, LsEntry};

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use cairn_client::Blob;
 use cairn_integration_tests::fixtures::random_bytes;
 use cairn_integration_tests::{Spec, TestCluster};
 use cairn_proto::ChunkId;
@@ -49,11 +50,11 @@ async fn ingest(replicas: u32, mb: usize) -> (f64, u64) {
         .unwrap();
     // Distinct blobs: a random base with a per-chunk prefix.
     let base = random_bytes(replicas as u64, CHUNK);
-    let work: Vec<(ChunkId, Bytes)> = (0..mb as u64)
+    let work: Vec<Blob> = (0..mb as u64)
         .map(|i| {
             let mut b = base.clone();
             b[..8].copy_from_slice(&i.to_le_bytes());
-            (ChunkId(*blake3::hash(&b[..64]).as_bytes()), Bytes::from(b))
+            Blob::new(ChunkId(*blake3::hash(&b[..64]).as_bytes()), Bytes::from(b))
         })
         .collect();
     let queue = Arc::new(Mutex::new(work));

@@ -273,7 +273,9 @@ async fn hostile_tree_is_refused_and_nothing_escapes() {
     let root_id = repo.keys.chunk_id(&root_bytes);
     let blobs = [(id, data), (evil_id, evil_bytes), (root_id, root_bytes)]
         .into_iter()
-        .map(|(i, p)| (i, bytes::Bytes::from(repo.keys.seal(&i, &p).unwrap())))
+        .map(|(i, p)| {
+            cairn_client::Blob::new(i, bytes::Bytes::from(repo.keys.seal(&i, &p).unwrap()))
+        })
         .collect();
     repo.cluster.put(blobs).await.unwrap();
     let coord = c.coord();

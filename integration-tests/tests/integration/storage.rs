@@ -7,17 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cairn_client::Blob;
 use cairn_integration_tests::fixtures::random_bytes;
 use cairn_integration_tests::{wait_for, Spec, TestCluster};
 use cairn_proto::chunk::{GetChunksRequest, HasChunksRequest, PutChunkRequest};
 use cairn_proto::ChunkId;
 use tonic::Code;
 
-fn blob(seed: u64, len: usize) -> (ChunkId, Bytes) {
-    let b = random_bytes(seed, len);
-    (
+fn blob(seed: u64, len: usize) -> Blob {
+    Blob::new(
         ChunkId(*blake3::hash(&seed.to_le_bytes()).as_bytes()),
-        Bytes::from(b),
+        Bytes::from(random_bytes(seed, len)),
     )
 }
 
@@ -48,7 +48,7 @@ async fn every_acknowledged_chunk_is_on_r_nodes_and_quorum_writes_are_repaired()
         .await
         .unwrap();
     let first: Vec<_> = (0..40).map(|i| blob(i, 50_000)).collect();
-    let ids: Vec<ChunkId> = first.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<ChunkId> = first.iter().map(|b| b.id).collect();
     cluster.put(first).await.unwrap();
     assert!(
         holders(&c, &ids).await.iter().all(|n| *n == 3),
@@ -58,7 +58,7 @@ async fn every_acknowledged_chunk_is_on_r_nodes_and_quorum_writes_are_repaired()
     // One replica down: writes succeed at W=2 and the missing copies are queued.
     c.nodes[2].kill9();
     let second: Vec<_> = (100..140).map(|i| blob(i, 50_000)).collect();
-    let ids2: Vec<ChunkId> = second.iter().map(|(id, _)| *id).collect();
+    let ids2: Vec<ChunkId> = second.iter().map(|b| b.id).collect();
     cluster.put(second).await.unwrap();
     let owed: u64 = {
         let mut s = 0;
@@ -122,10 +122,7 @@ async fn kill9_during_writes_loses_no_acknowledged_chunk() {
                     let batch: Vec<_> = (0..4)
                         .map(|k| blob(w * 1_000_000 + i * 10 + k, 200_000))
                         .collect();
-                    let hashes: Vec<_> = batch
-                        .iter()
-                        .map(|(id, b)| (*id, cairn_proto::blob_hash(b)))
-                        .collect();
+                    let hashes: Vec<_> = batch.iter().map(|b| (b.id, b.hash)).collect();
                     if cluster.put(batch).await.is_ok() {
                         acked.lock().unwrap().extend(hashes);
                     } else {
