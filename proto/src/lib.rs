@@ -61,11 +61,9 @@ impl ReplicaToken {
     }
 
     /// The header value that carries it.
-    pub fn header_value(&self) -> tonic::metadata::AsciiMetadataValue {
-        self.0
-            .to_hex()
-            .parse()
-            .expect("hex is a valid metadata value")
+    pub fn header_value(&self) -> tonic::codegen::http::HeaderValue {
+        tonic::codegen::http::HeaderValue::from_str(&self.0.to_hex())
+            .expect("hex is a valid header value")
     }
 
     /// Whether a received header value is this token (compared in constant time).

@@ -6,8 +6,9 @@
 //! CPU and 2% of the client's. [`put_chunks`] writes the gRPC framing and each message's other
 //! fields into small buffers and hands every large blob to HTTP/2 as it is (h2 writes a large
 //! DATA payload straight from it with vectored writes). The bytes on the wire are an ordinary
-//! `PutChunks` stream (the blob field is placed last, which protobuf allows), so servers decode
-//! it with the generated code; replies and errors come back as from the generated client.
+//! `PutChunks` stream (the blob field is placed last, which protobuf allows), which any gRPC
+//! server decodes (storage nodes with [`crate::receive`], which takes such a blob as the frame it
+//! arrived in); replies and errors come back as from the generated client.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -105,11 +106,7 @@ pub async fn put_chunks(
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers");
     if let Some(t) = token {
-        req = req.header(
-            crate::REPLICA_TOKEN_HEADER,
-            http::HeaderValue::from_bytes(t.header_value().as_bytes())
-                .expect("hex is a valid header value"),
-        );
+        req = req.header(crate::REPLICA_TOKEN_HEADER, t.header_value());
     }
     let req = req
         .body(body)

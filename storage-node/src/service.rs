@@ -1,13 +1,14 @@
 //! gRPC handlers of the storage node: decode, call the replicator or the store, encode. The
-//! only place where storage errors become gRPC statuses ([`to_status`]).
+//! only place where storage errors become gRPC statuses ([`to_status`]). [`ChunkRouter`] is
+//! what the server runs: put streams go to [`ChunkService::put_stream`] through
+//! `cairn_proto::receive`, every other call to the generated server.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-
-use bytes::Bytes;
-use std::convert::Infallible;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use cairn_proto::chunk::chunk_store_server::{ChunkStore as ChunkStoreRpc, ChunkStoreServer};
 use cairn_proto::chunk::*;
 use cairn_proto::{ChunkId, ReplicaToken, REPLICA_TOKEN_HEADER};
