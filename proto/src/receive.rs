@@ -310,37 +310,8 @@ mod tests {
     use futures::StreamExt;
     use rand::{Rng, SeedableRng};
 
-    /// A request body of the given frames, then its end.
-    struct Frames(VecDeque<Bytes>);
-
-    impl Body for Frames {
-        type Data = Bytes;
-        type Error = Status;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
-        }
-    }
-
-    fn req(i: usize, blob_len: usize) -> PutChunkRequest {
-        let mut id = vec![1u8; 32];
-        id[24..].copy_from_slice(&(i as u64).to_be_bytes());
-        PutChunkRequest {
-            id: Bytes::from(id),
-            blob: Bytes::from(
-                (0..blob_len)
-                    .map(|k| (k * 31 + i) as u8)
-                    .collect::<Vec<_>>(),
-            ),
-            hash: Bytes::from(vec![i as u8; 32]),
-            replica: i % 2 == 1,
-            layout_version: i as u64,
-            crc32: (i % 3 == 1).then_some(i as u32 * 77),
-        }
-    }
+    use crate::upload::tests::req;
+    use crate::upload::Frames;
 
     /// What tonic's encoder sends: each message whole, behind its 5-byte head.
     fn wire(reqs: &[PutChunkRequest]) -> Vec<u8> {

@@ -35,7 +35,7 @@ const GATHER: usize = 256 * 1024;
 const BLOB_KEY: u8 = (2 << 3) | 2;
 
 /// The request body: the frames of every message, in order.
-struct Frames(VecDeque<Bytes>);
+pub(crate) struct Frames(pub(crate) VecDeque<Bytes>);
 
 impl http_body::Body for Frames {
     type Data = Bytes;
@@ -136,18 +136,25 @@ pub async fn put_chunks(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytes::Buf;
 
-    fn req(i: usize, blob_len: usize) -> PutChunkRequest {
+    /// A request with an id, hash and blob of its own; every third has a CRC-32.
+    pub(crate) fn req(i: usize, blob_len: usize) -> PutChunkRequest {
+        let mut id = vec![1u8; 32];
+        id[24..].copy_from_slice(&(i as u64).to_be_bytes());
         PutChunkRequest {
-            id: Bytes::from(vec![i as u8; 32]),
-            blob: Bytes::from((0..blob_len).map(|k| (k * 7 + i) as u8).collect::<Vec<_>>()),
-            hash: Bytes::from(vec![!(i as u8); 32]),
+            id: Bytes::from(id),
+            blob: Bytes::from(
+                (0..blob_len)
+                    .map(|k| (k * 31 + i) as u8)
+                    .collect::<Vec<_>>(),
+            ),
+            hash: Bytes::from(vec![i as u8; 32]),
             replica: i % 2 == 1,
-            layout_version: i as u64 * 1000,
-            crc32: None,
+            layout_version: i as u64,
+            crc32: (i % 3 == 1).then_some(i as u32 * 77),
         }
     }
 
