@@ -123,7 +123,10 @@ impl Buf for Rope {
 struct Reader<B> {
     body: B,
     buf: Rope,
+    /// The body has no more frames.
     ended: bool,
+    /// A message could not be read: what follows it cannot be framed, so nothing more is.
+    failed: bool,
     max_message: usize,
 }
 
@@ -152,6 +155,18 @@ where
             }
         }
         Poll::Ready(Ok(true))
+    }
+
+    fn poll_next_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<PutChunkRequest, Status>>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        let next = std::task::ready!(self.poll_message(cx));
+        self.failed = matches!(next, Some(Err(_)));
+        Poll::Ready(next)
     }
 
     fn poll_message(
@@ -208,18 +223,11 @@ where
         body,
         buf: Rope::default(),
         ended: false,
+        failed: false,
         max_message,
     };
-    let mut failed = false;
-    // The first error ends the stream: what follows it cannot be framed.
-    futures::stream::poll_fn(move |cx| {
-        if failed {
-            return Poll::Ready(None);
-        }
-        let next = std::task::ready!(r.poll_message(cx));
-        failed = matches!(next, Some(Err(_)));
-        Poll::Ready(next)
-    })
+    // The first error ends the stream.
+    futures::stream::poll_fn(move |cx| r.poll_next_message(cx))
 }
 
 /// Replies of one call, gathered into frames as they are ready; then the status as trailers.

@@ -282,6 +282,11 @@ impl Replicator {
                 }
             }
         }
+        // Each blob's CRC-32 once, for every replica it goes to.
+        let crcs: Vec<Option<u32>> = items
+            .iter()
+            .map(|it| self.token.as_ref().map(|_| crc32fast::hash(&it.blob)))
+            .collect();
         let sends = per_peer.iter().map(|(&node, idxs)| {
             let addr = layout.address(node).map(str::to_string);
             let batch: Vec<PutChunkRequest> = idxs
@@ -292,7 +297,7 @@ impl Replicator {
                     hash: Bytes::copy_from_slice(&items[i].hash),
                     replica: true,
                     layout_version: layout.version,
-                    crc32: None,
+                    crc32: crcs[i],
                 })
                 .collect();
             async move {
@@ -353,7 +358,8 @@ impl Replicator {
     }
 
     /// Sends chunks to a replica; returns the ids it acknowledged. With the cluster's token,
-    /// each blob goes with its CRC-32 (see [`cairn_proto::ReplicaToken`]).
+    /// each blob goes with its CRC-32 (computed here unless the caller did; see
+    /// [`cairn_proto::ReplicaToken`]).
     pub async fn forward(
         &self,
         addr: &str,
@@ -361,7 +367,7 @@ impl Replicator {
     ) -> Result<HashSet<ChunkId>, tonic::Status> {
         let channel = self.channels.channel(addr)?;
         if self.token.is_some() {
-            for r in &mut batch {
+            for r in batch.iter_mut().filter(|r| r.crc32.is_none()) {
                 r.crc32 = Some(crc32fast::hash(&r.blob));
             }
         }

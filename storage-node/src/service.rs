@@ -62,6 +62,21 @@ pub struct ChunkService {
 }
 
 impl ChunkService {
+    /// Serves `store` through `repl`; `healer` learns of corrupt or missing copies.
+    pub fn new(
+        store: ChunkStore,
+        repl: Arc<Replicator>,
+        me: Arc<Membership>,
+        healer: Arc<Healer>,
+    ) -> Self {
+        Self {
+            store,
+            repl,
+            me,
+            healer,
+        }
+    }
+
     /// Handles one put stream: its messages in groups (one write group, one `fsync` each),
     /// validated, stored and replicated; the replies come through the returned channel, which
     /// closes after the last (or after the first error). On a `trusted` stream (it showed the
@@ -144,21 +159,6 @@ impl ChunkService {
             }
         });
         rx
-    }
-
-    /// Serves `store` through `repl`; `healer` learns of corrupt or missing copies.
-    pub fn new(
-        store: ChunkStore,
-        repl: Arc<Replicator>,
-        me: Arc<Membership>,
-        healer: Arc<Healer>,
-    ) -> Self {
-        Self {
-            store,
-            repl,
-            me,
-            healer,
-        }
     }
 }
 
