@@ -62,14 +62,19 @@ pub(crate) fn frames(reqs: Vec<PutChunkRequest>) -> VecDeque<Bytes> {
         let blob = std::mem::take(&mut req.blob);
         let blob_field = 1 + prost::encoding::encoded_len_varint(blob.len() as u64) + blob.len();
         let len = req.encoded_len() + blob_field;
-        buf.reserve(
-            5 + len - blob.len()
-                + if blob.len() < OWN_FRAME {
-                    blob.len()
-                } else {
-                    0
-                },
-        );
+        let copied = 5 + len - blob.len()
+            + if blob.len() < OWN_FRAME {
+                blob.len()
+            } else {
+                0
+            };
+        // A gather never outgrows GATHER plus one message, so a buffer started with that room
+        // is never reallocated (which would copy what it holds).
+        buf.reserve(if buf.is_empty() {
+            copied.max(GATHER + OWN_FRAME + 1024)
+        } else {
+            copied
+        });
         buf.put_u8(0); // not compressed
         buf.put_u32(len as u32);
         req.encode(&mut buf).expect("reserved room for the message");

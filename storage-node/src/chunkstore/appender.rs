@@ -35,12 +35,51 @@ pub(super) fn aligned_buf(len: usize) -> AlignedBuf {
     aligned_vec::avec![[BLOCK]| 0u8; len].into_boxed_slice()
 }
 
+/// Size and alignment of a transparent huge page on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 * 1024 * 1024;
+
+/// The staging buffer: [`STAGE`] zeroed bytes of anonymous memory, aligned to [`HUGE_PAGE`]
+/// (which [`BLOCK`] divides) and backed by transparent huge pages where the kernel allows them.
+/// Every direct write pins the pages it is written from: two huge pages cost the kernel far
+/// less to pin than a thousand small ones (in profiles of a first backup, pinning was about 3%
+/// of a storage node's CPU).
+struct StageBuf {
+    map: memmap2::MmapMut,
+    /// Where the aligned [`STAGE`] bytes begin in `map`.
+    at: usize,
+}
+
+impl StageBuf {
+    fn new() -> io::Result<Self> {
+        // One huge page more than needed, so that an aligned window fits whatever address the
+        // mapping gets; the unused rest is never touched, so never backed.
+        let map = memmap2::MmapMut::map_anon(STAGE + HUGE_PAGE)?;
+        let at = (HUGE_PAGE - map.as_ptr() as usize % HUGE_PAGE) % HUGE_PAGE;
+        // Advice before the first touch; a kernel without huge pages leaves small ones.
+        let _ = map.advise_range(memmap2::Advice::HugePage, at, STAGE);
+        Ok(Self { map, at })
+    }
+}
+
+impl std::ops::Deref for StageBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.at..self.at + STAGE]
+    }
+}
+
+impl std::ops::DerefMut for StageBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.map[self.at..self.at + STAGE]
+    }
+}
+
 /// The writer's handle on the active segment.
 pub struct Appender {
     path: PathBuf,
     file: File,
     direct: bool,
-    buf: AlignedBuf,
+    buf: StageBuf,
     /// File offset of `buf[0]`; always a multiple of [`BLOCK`].
     base: u64,
     /// Bytes of `buf` in use: the durable tail of the last block, then staged data.
@@ -86,7 +125,7 @@ impl Appender {
         };
         let base = end / BLOCK as u64 * BLOCK as u64;
         let len = (end - base) as usize;
-        let mut buf = aligned_buf(STAGE);
+        let mut buf = StageBuf::new()?;
         if len > 0 {
             File::open(path)?.read_exact_at(&mut buf[..len], base)?;
         }
@@ -176,6 +215,16 @@ mod tests {
 
     fn contents(p: &Path) -> Vec<u8> {
         std::fs::read(p).unwrap()
+    }
+
+    #[test]
+    fn the_staging_buffer_is_zeroed_and_aligned_to_a_huge_page() {
+        let mut b = StageBuf::new().unwrap();
+        assert_eq!(b.len(), STAGE);
+        assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(b.iter().all(|&x| x == 0));
+        b[STAGE - 1] = 7;
+        assert_eq!(b[STAGE - 1], 7);
     }
 
     #[test]
