@@ -1,12 +1,12 @@
 //! Self-healing: a node lost for good, a node added, a drain, bit rot, and maintenance.
 //! Copies are counted through the nodes' admin RPCs (ListChunks), never through logs.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use cairn_integration_tests::fixtures::{corrupt_records, random_bytes};
 use cairn_integration_tests::{wait_for, Spec, TestCluster};
-use cairn_proto::metadata::ListNodesRequest;
+use cairn_proto::metadata::{GetLayoutRequest, ListNodesRequest};
 use cairn_proto::types::NodeState;
 use cairn_proto::ChunkId;
 
@@ -31,6 +31,36 @@ async fn copies(c: &TestCluster, order: &[usize]) -> BTreeMap<ChunkId, usize> {
         }
     }
     m
+}
+
+/// Whether every chunk of `all` is held by exactly the nodes its partition maps to in the
+/// current layout, over the cluster's nodes `nodes`: the layout fully carried out. Counting
+/// copies alone cannot tell that: between two moves of a rebalance, every chunk has R copies.
+async fn placed(c: &TestCluster, all: &HashSet<ChunkId>, nodes: &[usize]) -> bool {
+    let Ok(layout) = c
+        .coord()
+        .call(|mut cl| async move { cl.get_layout(GetLayoutRequest::default()).await })
+        .await
+    else {
+        return false;
+    };
+    let mut held: BTreeMap<ChunkId, BTreeSet<u64>> = BTreeMap::new();
+    for &i in nodes {
+        let Some(chunks) = c.node_chunks(i).await else {
+            return false;
+        };
+        let node = node_id(c, i).await;
+        for id in chunks {
+            held.entry(id).or_default().insert(node);
+        }
+    }
+    all.iter().all(|id| {
+        let want: Option<BTreeSet<u64>> = layout
+            .partitions
+            .get(id.partition() as usize)
+            .map(|p| p.nodes.iter().copied().collect());
+        want.is_some() && held.get(id) == want.as_ref()
+    })
 }
 
 async fn node_id(c: &TestCluster, i: usize) -> u64 {
@@ -106,8 +136,8 @@ async fn added_node_receives_its_share_and_nothing_drops_below_r() {
                     assert!(n >= 3, "chunk {id} has {n} copies during the move");
                 }
                 let new = c.node_chunks(3).await?.len();
-                let settled = all.iter().all(|id| m.get(id) == Some(&3));
-                (settled && new > 0).then_some(new as f64 / all.len() as f64)
+                let settled = new > 0 && placed(c, all, &[0, 1, 2, 3]).await;
+                settled.then_some(new as f64 / all.len() as f64)
             }
         },
     )
