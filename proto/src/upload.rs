@@ -31,6 +31,9 @@ use crate::codec::ChunkCodec;
 const OWN_FRAME: usize = 32 * 1024;
 /// Copied bytes gathered before they are handed over as one frame.
 const GATHER: usize = 256 * 1024;
+/// Room for a message's fields other than its blob, and its gRPC head (ids and hashes are 32
+/// bytes; the rest are a few varints).
+const MESSAGE_ROOM: usize = 1024;
 /// Protobuf key of field 2 (`blob`), wire type 2 (length-delimited).
 const BLOB_KEY: u8 = (2 << 3) | 2;
 
@@ -71,7 +74,7 @@ pub(crate) fn frames(reqs: Vec<PutChunkRequest>) -> VecDeque<Bytes> {
         // A gather never outgrows GATHER plus one message, so a buffer started with that room
         // is never reallocated (which would copy what it holds).
         buf.reserve(if buf.is_empty() {
-            copied.max(GATHER + OWN_FRAME + 1024)
+            copied.max(GATHER + OWN_FRAME + MESSAGE_ROOM)
         } else {
             copied
         });

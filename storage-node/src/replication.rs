@@ -285,7 +285,7 @@ impl Replicator {
         // Each blob's CRC-32 once, for every replica it goes to.
         let crcs: Vec<Option<u32>> = items
             .iter()
-            .map(|it| self.token.as_ref().map(|_| crc32fast::hash(&it.blob)))
+            .map(|it| self.token.is_some().then(|| crc32fast::hash(&it.blob)))
             .collect();
         let sends = per_peer.iter().map(|(&node, idxs)| {
             let addr = layout.address(node).map(str::to_string);

@@ -21,22 +21,36 @@ fn many_files(root: &std::path::Path, n: u64) {
     }
 }
 
-/// Copies of each chunk over `order` (list givers before receivers: a chunk in transit is then
-/// never missed — a giver deletes only after every receiver holds it).
-async fn copies(c: &TestCluster, order: &[usize]) -> BTreeMap<ChunkId, usize> {
-    let mut m = BTreeMap::new();
+/// The nodes (indexes in the test cluster) holding each chunk, listed in `order` (givers
+/// before receivers: a chunk in transit is then never missed — a giver deletes only after every
+/// receiver holds it).
+async fn holders(c: &TestCluster, order: &[usize]) -> BTreeMap<ChunkId, BTreeSet<usize>> {
+    let mut m: BTreeMap<ChunkId, BTreeSet<usize>> = BTreeMap::new();
     for &i in order {
         for id in c.node_chunks(i).await.unwrap_or_default() {
-            *m.entry(id).or_insert(0) += 1;
+            m.entry(id).or_default().insert(i);
         }
     }
     m
 }
 
-/// Whether every chunk of `all` is held by exactly the nodes its partition maps to in the
-/// current layout, over the cluster's nodes `nodes`: the layout fully carried out. Counting
-/// copies alone cannot tell that: between two moves of a rebalance, every chunk has R copies.
-async fn placed(c: &TestCluster, all: &HashSet<ChunkId>, nodes: &[usize]) -> bool {
+/// Copies of each chunk over `order` (see [`holders`]).
+async fn copies(c: &TestCluster, order: &[usize]) -> BTreeMap<ChunkId, usize> {
+    holders(c, order)
+        .await
+        .into_iter()
+        .map(|(id, h)| (id, h.len()))
+        .collect()
+}
+
+/// Whether every chunk of `all` is held, as `held` lists them, by exactly the nodes its
+/// partition maps to in the current layout: the layout fully carried out. Counting copies alone
+/// cannot tell that: between two moves of a rebalance, every chunk has R copies.
+async fn placed(
+    c: &TestCluster,
+    all: &HashSet<ChunkId>,
+    held: &BTreeMap<ChunkId, BTreeSet<usize>>,
+) -> bool {
     let Ok(layout) = c
         .coord()
         .call(|mut cl| async move { cl.get_layout(GetLayoutRequest::default()).await })
@@ -44,14 +58,10 @@ async fn placed(c: &TestCluster, all: &HashSet<ChunkId>, nodes: &[usize]) -> boo
     else {
         return false;
     };
-    let mut held: BTreeMap<ChunkId, BTreeSet<u64>> = BTreeMap::new();
-    for &i in nodes {
-        let Some(chunks) = c.node_chunks(i).await else {
-            return false;
-        };
-        let node = node_id(c, i).await;
-        for id in chunks {
-            held.entry(id).or_default().insert(node);
+    let mut ids = BTreeMap::new();
+    for &i in held.values().flatten() {
+        if let std::collections::btree_map::Entry::Vacant(e) = ids.entry(i) {
+            e.insert(node_id(c, i).await);
         }
     }
     all.iter().all(|id| {
@@ -59,7 +69,8 @@ async fn placed(c: &TestCluster, all: &HashSet<ChunkId>, nodes: &[usize]) -> boo
             .partitions
             .get(id.partition() as usize)
             .map(|p| p.nodes.iter().copied().collect());
-        want.is_some() && held.get(id) == want.as_ref()
+        let have: Option<BTreeSet<u64>> = held.get(id).map(|h| h.iter().map(|i| ids[i]).collect());
+        want.is_some() && have == want
     })
 }
 
@@ -130,13 +141,13 @@ async fn added_node_receives_its_share_and_nothing_drops_below_r() {
             let (c, all) = (&c, &all);
             async move {
                 // Old nodes give, the new one receives: list the givers first.
-                let m = copies(c, &[0, 1, 2, 3]).await;
+                let held = holders(c, &[0, 1, 2, 3]).await;
                 for id in all {
-                    let n = m.get(id).copied().unwrap_or(0);
+                    let n = held.get(id).map_or(0, BTreeSet::len);
                     assert!(n >= 3, "chunk {id} has {n} copies during the move");
                 }
-                let new = c.node_chunks(3).await?.len();
-                let settled = new > 0 && placed(c, all, &[0, 1, 2, 3]).await;
+                let new = held.values().filter(|h| h.contains(&3)).count();
+                let settled = new > 0 && placed(c, all, &held).await;
                 settled.then_some(new as f64 / all.len() as f64)
             }
         },
