@@ -91,8 +91,10 @@ impl ChunkService {
     {
         let repl = self.repl.clone();
         let (tx, rx) = mpsc::channel(PUT_GROUP);
+        let open = self.store.put_stream();
         // Ends when the client closes its stream, on the first error, or when the connection drops.
         tokio::spawn(async move {
+            let _open = open;
             loop {
                 let first = match inbound.next().await {
                     Some(Ok(m)) => m,
