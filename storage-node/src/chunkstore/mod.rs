@@ -15,14 +15,15 @@
 //! queue as one group, appends them, fsyncs the segment once, writes the index entries and the
 //! new frontier as one atomic index batch, and only then answers every request in the group
 //! (group commit). While several put streams are open, a small group first waits up to
-//! `GROUP_LINGER` for the others' puts, so that they share the write and the fsync. The segment is the durable copy: the writer fsyncs the index's journal at
-//! most once a second after a group (and on every delete, compaction and shutdown), not per
-//! group, which would double the fsyncs of a write. It seals the index's memtables into
-//! sorted tables after `INDEX_SEAL_ENTRIES` writes and when idle, so the journal stays short
-//! and the index takes its compact form on disk. On open, every record past the last
-//! frontier the index made durable is re-verified and indexed, so an acknowledged chunk whose
-//! index entry was not yet durable is found again; a record whose blob fails its checksum is
-//! skipped, and a torn header (a write never acknowledged) and everything after it is cut.
+//! `GROUP_LINGER` for the others' puts, so that they share the write and the fsync. The segment
+//! is the durable copy: the writer fsyncs the index's journal at most once a second after a
+//! group (and on every delete, compaction and shutdown), not per group, which would double the
+//! fsyncs of a write. It seals the index's memtables into sorted tables after
+//! `INDEX_SEAL_ENTRIES` writes and when idle, so the journal stays short and the index takes its
+//! compact form on disk. On open, every record past the last frontier the index made durable is
+//! re-verified and indexed, so an acknowledged chunk whose index entry was not yet durable is
+//! found again; a record whose blob fails its checksum is skipped, and a torn header (a write
+//! never acknowledged) and everything after it is cut.
 //!
 //! In front of the index sits an in-memory Bloom filter of every indexed id ([`Presence`]): a
 //! chunk it has never seen is answered "absent" without an index lookup, which is what almost
@@ -225,6 +226,7 @@ struct Shared {
     /// How long a group waits for other open streams' puts at most, in microseconds
     /// ([`GROUP_LINGER`]; tests set it).
     linger_us: AtomicU64,
+    /// Group commits written since the store was opened ([`Stats::group_commits`]).
     group_commits: AtomicU64,
     /// Entries in the index, kept here: the index counts them by walking all of them.
     live_chunks: AtomicU64,
