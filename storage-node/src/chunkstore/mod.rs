@@ -898,13 +898,20 @@ impl Writer {
                         if bytes < GROUP_MAX_BYTES {
                             next = rx.try_recv().ok();
                         }
-                        let others = self.shared.open_streams.load(Ordering::Relaxed) > puts.len();
-                        if let (None, Some(rt), true) =
-                            (&next, &timer, others && bytes < GROUP_FILL)
-                        {
-                            // Made inside the runtime, as a timer must be.
-                            let more = async { tokio::time::timeout_at(linger, rx.recv()).await };
-                            next = rt.block_on(more).ok().flatten();
+                        // Nothing queued: wait a little for the puts of other open streams.
+                        let streams = &self.shared.open_streams;
+                        match &timer {
+                            Some(rt)
+                                if next.is_none()
+                                    && bytes < GROUP_FILL
+                                    && streams.load(Ordering::Relaxed) > puts.len() =>
+                            {
+                                // Made inside the runtime, as a timer must be.
+                                let more =
+                                    async { tokio::time::timeout_at(linger, rx.recv()).await };
+                                next = rt.block_on(more).ok().flatten();
+                            }
+                            _ => {}
                         }
                     }
                     Msg::Delete(ids, reply) => {
