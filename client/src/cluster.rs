@@ -2,8 +2,9 @@
 //! placement layout, and one channel per storage node.
 //!
 //! Writes go to a chunk's primary and fall over to the next replica of its partition when the
-//! primary is unreachable; reads try the replicas in order and fall back on any error or failed
-//! verification, recording the bad copy.
+//! primary is unreachable, with one call per node for all of a batch's chunks bound there;
+//! reads try the replicas in order and fall back on any error or failed verification,
+//! recording the bad copy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -141,56 +142,111 @@ impl Cluster {
         Ok(self.channels.client(addr)?)
     }
 
+    /// Makes one call per storage node for the items whose turn it is there, all nodes at
+    /// once: each item goes to the first of its replicas (healthy first), so a batch costs one
+    /// call per node, not one per replica set (with three nodes at R=3, six orders of the same
+    /// three nodes). The items of a call that fails, or that was answered for the wrong number
+    /// of items, go on to their next replicas, grouped again, and that node becomes suspect.
+    /// Returns one outcome per item, in order: its answer, or the last error met on the way
+    /// (`None` if no replica had an address).
+    async fn per_node<R, F, Fut>(
+        &self,
+        layout: &Layout,
+        ids: &[ChunkId],
+        call: F,
+    ) -> Vec<std::result::Result<R, Option<tonic::Status>>>
+    where
+        F: Fn(String, Vec<usize>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Vec<R>, tonic::Status>>,
+    {
+        let order: Vec<Vec<u64>> = ids
+            .iter()
+            .map(|id| self.healthy_first(layout.replicas(id.partition())))
+            .collect();
+        let mut next = vec![0usize; ids.len()];
+        let mut last: Vec<Option<tonic::Status>> = vec![None; ids.len()];
+        let mut out: Vec<Option<std::result::Result<R, Option<tonic::Status>>>> =
+            (0..ids.len()).map(|_| None).collect();
+        let mut undecided: Vec<usize> = (0..ids.len()).collect();
+        while !undecided.is_empty() {
+            let mut groups: BTreeMap<u64, (&str, Vec<usize>)> = BTreeMap::new();
+            for i in undecided.drain(..) {
+                let addressed = order[i][next[i]..]
+                    .iter()
+                    .position(|&n| layout.address(n).is_some());
+                match addressed {
+                    Some(k) => {
+                        next[i] += k;
+                        let n = order[i][next[i]];
+                        let addr = layout.address(n).expect("checked above");
+                        groups.entry(n).or_insert((addr, Vec::new())).1.push(i);
+                    }
+                    None => out[i] = Some(Err(last[i].take())),
+                }
+            }
+            let calls = groups.into_iter().map(|(n, (addr, idxs))| {
+                let want = idxs.len();
+                let res = call(addr.to_string(), idxs.clone());
+                async move {
+                    let res = match res.await {
+                        Ok(v) if v.len() == want => Ok(v),
+                        Ok(v) => Err(tonic::Status::unavailable(format!(
+                            "node answered for {} of {want} chunks",
+                            v.len()
+                        ))),
+                        Err(e) => Err(e),
+                    };
+                    (n, idxs, res)
+                }
+            });
+            for (n, idxs, res) in futures::future::join_all(calls).await {
+                match res {
+                    Ok(answers) => {
+                        self.clear_suspect(n);
+                        for (i, a) in idxs.into_iter().zip(answers) {
+                            out[i] = Some(Ok(a));
+                        }
+                    }
+                    Err(e) => {
+                        debug!(node = n, error = %e, "call failed; trying the next replicas");
+                        self.mark_suspect(n);
+                        for i in idxs {
+                            last[i] = Some(e.clone());
+                            next[i] += 1;
+                            undecided.push(i);
+                        }
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.expect("every item decided"))
+            .collect()
+    }
+
     /// Which ids the cluster already holds (asked of each chunk's primary, falling over to the
     /// next replica). An id whose replicas cannot be asked counts as absent.
     pub async fn has(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
         let layout = self.layout();
-        let mut groups: BTreeMap<Vec<u64>, Vec<usize>> = BTreeMap::new();
-        for (i, id) in ids.iter().enumerate() {
-            groups
-                .entry(layout.replicas(id.partition()).to_vec())
-                .or_default()
-                .push(i);
-        }
-        let mut out = vec![false; ids.len()];
-        let asks = groups.into_iter().map(|(set, idxs)| {
-            let layout = layout.clone();
-            async move {
-                let req: Vec<Bytes> = idxs
-                    .iter()
-                    .map(|&i| Bytes::copy_from_slice(&ids[i].0))
-                    .collect();
-                for n in self.healthy_first(&set) {
-                    let Some(addr) = layout.address(n) else {
-                        continue;
-                    };
-                    let Ok(mut c) = self.node(addr) else { continue };
-                    let call = c.has_chunks(HasChunksRequest { ids: req.clone() });
-                    match tokio::time::timeout(HAS_TIMEOUT, call).await {
-                        Ok(Ok(r)) if r.get_ref().present.len() == idxs.len() => {
-                            return (idxs, r.into_inner().present);
-                        }
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            debug!(node = n, error = %e, "has-chunks failed");
-                            self.mark_suspect(n);
-                        }
-                        Err(_) => {
-                            debug!(node = n, "has-chunks timed out");
-                            self.mark_suspect(n);
-                        }
+        let outcomes = self
+            .per_node(&layout, ids, |addr, idxs| {
+                let req = HasChunksRequest {
+                    ids: idxs
+                        .iter()
+                        .map(|&i| Bytes::copy_from_slice(&ids[i].0))
+                        .collect(),
+                };
+                let client = self.node(&addr);
+                async move {
+                    let mut c = client.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    match tokio::time::timeout(HAS_TIMEOUT, c.has_chunks(req)).await {
+                        Ok(r) => Ok(r?.into_inner().present),
+                        Err(_) => Err(tonic::Status::deadline_exceeded("has-chunks timed out")),
                     }
                 }
-                let n = idxs.len();
-                (idxs, vec![false; n])
-            }
-        });
-        for (idxs, present) in futures::future::join_all(asks).await {
-            for (i, p) in idxs.into_iter().zip(present) {
-                out[i] = p;
-            }
-        }
-        Ok(out)
+            })
+            .await;
+        Ok(outcomes.into_iter().map(|o| o.unwrap_or(false)).collect())
     }
 
     /// Uploads sealed blobs; returns once every one is acknowledged at the write quorum.
@@ -202,48 +258,28 @@ impl Cluster {
             } else {
                 self.refresh_layout().await?
             };
-            let mut groups: BTreeMap<Vec<u64>, Vec<Blob>> = BTreeMap::new();
-            for blob in pending.drain(..) {
-                groups
-                    .entry(layout.replicas(blob.id.partition()).to_vec())
-                    .or_default()
-                    .push(blob);
-            }
-            let sends = groups.into_iter().map(|(set, items)| {
-                let layout = layout.clone();
-                async move {
-                    let mut last = None;
-                    for n in self.healthy_first(&set) {
-                        let Some(addr) = layout.address(n) else {
-                            continue;
-                        };
-                        let call = self.put_to(addr, &items, layout.version);
-                        let res = match tokio::time::timeout(PUT_TIMEOUT, call).await {
+            let ids: Vec<ChunkId> = pending.iter().map(|b| b.id).collect();
+            let outcomes = self
+                .per_node(&layout, &ids, |addr, idxs| {
+                    let items: Vec<&Blob> = idxs.iter().map(|&i| &pending[i]).collect();
+                    let call = self.put_to(addr, items, layout.version);
+                    async move {
+                        match tokio::time::timeout(PUT_TIMEOUT, call).await {
                             Ok(r) => r,
                             Err(_) => Err(tonic::Status::deadline_exceeded("put timed out")),
-                        };
-                        match res {
-                            Ok(()) => {
-                                self.clear_suspect(n);
-                                return Ok(());
-                            }
-                            Err(e) => {
-                                debug!(node = n, error = %e, "put failed; trying the next replica");
-                                self.mark_suspect(n);
-                                last = Some(e);
-                            }
                         }
                     }
-                    Err((items, last))
-                }
-            });
+                })
+                .await;
             let mut errors = Vec::new();
-            for r in futures::future::join_all(sends).await {
-                if let Err((items, e)) = r {
-                    pending.extend(items);
+            let mut failed = Vec::new();
+            for (blob, outcome) in pending.drain(..).zip(outcomes) {
+                if let Err(e) = outcome {
+                    failed.push(blob);
                     errors.push(e);
                 }
             }
+            pending = failed;
             if pending.is_empty() {
                 return Ok(());
             }
@@ -260,13 +296,14 @@ impl Cluster {
         unreachable!("loop returns")
     }
 
+    /// One put stream to the node at `addr`: one acknowledgement per item.
     async fn put_to(
         &self,
-        addr: &str,
-        items: &[Blob],
+        addr: String,
+        items: Vec<&Blob>,
         layout_version: u64,
-    ) -> std::result::Result<(), tonic::Status> {
-        let channel = self.channels.channel(addr)?;
+    ) -> std::result::Result<Vec<()>, tonic::Status> {
+        let channel = self.channels.channel(&addr)?;
         let reqs: Vec<PutChunkRequest> = items
             .iter()
             .map(|b| PutChunkRequest {
@@ -279,17 +316,11 @@ impl Cluster {
             })
             .collect();
         let mut stream = cairn_proto::upload::put_chunks(channel, reqs, None).await?;
-        let mut acked = 0;
+        let mut acks = Vec::with_capacity(items.len());
         while let Some(_r) = stream.message().await? {
-            acked += 1;
+            acks.push(());
         }
-        if acked != items.len() {
-            return Err(tonic::Status::unavailable(format!(
-                "node acknowledged {acked} of {} chunks",
-                items.len()
-            )));
-        }
-        Ok(())
+        Ok(acks)
     }
 
     /// Where a chunk may be, in the order to try: its replicas, then the replicas of the
@@ -540,4 +571,138 @@ fn open_reply(keys: &Keys, id: ChunkId, r: GetChunkReply) -> Result<Vec<u8>> {
         return Err(Error::Rpc(tonic::Status::new(code, r.error)));
     }
     keys.open(&id, &r.blob, MAX_CHUNK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_proto::types::PartitionReplicas;
+
+    /// Three nodes; partition p's replicas are the six orders of them, in turn.
+    fn layout() -> Layout {
+        let orders = [
+            [1, 2, 3],
+            [1, 3, 2],
+            [2, 1, 3],
+            [2, 3, 1],
+            [3, 1, 2],
+            [3, 2, 1],
+        ];
+        Layout {
+            version: 1,
+            replicas: 3,
+            write_quorum: 2,
+            partitions: (0..cairn_proto::PARTITIONS as usize)
+                .map(|p| PartitionReplicas {
+                    nodes: orders[p % 6].to_vec(),
+                })
+                .collect(),
+            addresses: (1..=3).map(|n| (n, format!("node-{n}"))).collect(),
+            previous: Vec::new(),
+        }
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            coord: Arc::new(CoordClient::new(vec!["127.0.0.1:1".into()]).unwrap()),
+            layout: RwLock::new(Arc::new(layout())),
+            channels: NodeChannels::default(),
+            bad: Mutex::new(Vec::new()),
+            suspect: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// An id in partition `p`.
+    fn id_in(p: u32) -> ChunkId {
+        let top = (p << (16 - cairn_proto::PARTITION_BITS)) as u16;
+        let mut id = [0u8; 32];
+        id[..2].copy_from_slice(&top.to_be_bytes());
+        ChunkId(id)
+    }
+
+    #[tokio::test]
+    async fn calls_are_made_per_node_and_a_failed_nodes_items_go_on_to_their_next_replicas() {
+        let c = cluster();
+        let layout = layout();
+        let ids: Vec<ChunkId> = (0..60).map(id_in).collect();
+        let calls = Mutex::new(Vec::<(String, Vec<usize>)>::new());
+        let out = c
+            .per_node(&layout, &ids, |addr, idxs| {
+                calls.lock().unwrap().push((addr.clone(), idxs.clone()));
+                async move {
+                    if addr == "node-1" {
+                        Err(tonic::Status::unavailable("down"))
+                    } else {
+                        Ok(idxs.iter().map(|&i| (addr.clone(), i)).collect())
+                    }
+                }
+            })
+            .await;
+        // Every item answered by the first of its replicas that is not node 1.
+        for (i, o) in out.iter().enumerate() {
+            let first_up = layout
+                .replicas(ids[i].partition())
+                .iter()
+                .find(|&&n| n != 1)
+                .unwrap();
+            assert_eq!(o.as_ref().unwrap(), &(format!("node-{first_up}"), i));
+        }
+        let calls = calls.into_inner().unwrap();
+        // One call per node in the first round (not one per replica set), then one per node
+        // that takes over node 1's items.
+        assert_eq!(calls.len(), 5, "{calls:?}");
+        let first: Vec<&str> = calls[..3].iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(first, ["node-1", "node-2", "node-3"]);
+        assert_eq!(calls[0].1.len(), 20);
+        assert!(
+            c.healthy_first(&[1, 2, 3]) == [2, 3, 1],
+            "node 1 is suspect"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_item_whose_replicas_all_fail_gets_the_last_error() {
+        let c = cluster();
+        let layout = layout();
+        let ids = vec![id_in(0), id_in(1)];
+        let out = c
+            .per_node(&layout, &ids, |addr, idxs| async move {
+                if addr == "node-3" {
+                    Ok(vec![true; idxs.len()])
+                } else {
+                    Err(tonic::Status::unavailable(format!("{addr} down")))
+                }
+            })
+            .await;
+        // Partition 0 tries nodes 1, 2, then 3; partition 1 tries 1, then 3.
+        assert!(out[0].as_ref().unwrap());
+        assert!(out[1].as_ref().unwrap());
+        let c = cluster();
+        let out = c
+            .per_node(&layout, &ids, |addr, _| async move {
+                Err::<Vec<bool>, _>(tonic::Status::unavailable(format!("{addr} down")))
+            })
+            .await;
+        for o in out {
+            let e = o.unwrap_err().expect("an error");
+            assert_eq!(e.code(), Code::Unavailable);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_for_the_wrong_number_of_items_counts_as_a_failure() {
+        let c = cluster();
+        let layout = layout();
+        let ids = vec![id_in(0)];
+        let out = c
+            .per_node(&layout, &ids, |addr, _| async move {
+                if addr == "node-1" {
+                    Ok(Vec::new())
+                } else {
+                    Ok(vec![addr])
+                }
+            })
+            .await;
+        assert_eq!(out[0].as_ref().unwrap(), "node-2");
+    }
 }
