@@ -271,12 +271,12 @@ impl Cluster {
                     }
                 })
                 .await;
-            let mut errors = Vec::new();
+            let mut error = None;
             let mut failed = Vec::new();
             for (blob, outcome) in pending.drain(..).zip(outcomes) {
                 if let Err(e) = outcome {
                     failed.push(blob);
-                    errors.push(e);
+                    error = error.or(e);
                 }
             }
             pending = failed;
@@ -284,8 +284,7 @@ impl Cluster {
                 return Ok(());
             }
             if attempt == 2 {
-                let e = errors.into_iter().flatten().next();
-                return Err(match e {
+                return Err(match error {
                     Some(s) => Error::Rpc(s),
                     None => Error::Rpc(tonic::Status::unavailable(
                         "no storage node serves these chunks",
