@@ -146,9 +146,9 @@ impl Cluster {
     /// once: each item goes to the first of its replicas (healthy first), so a batch costs one
     /// call per node, not one per replica set (with three nodes at R=3, six orders of the same
     /// three nodes). The items of a call that fails, or that was answered for the wrong number
-    /// of items, go on to their next replicas, grouped again, and that node becomes suspect.
-    /// Returns one outcome per item, in order: its answer, or the last error met on the way
-    /// (`None` if no replica had an address).
+    /// of items, go on to their next replicas, grouped again, and that node becomes suspect and
+    /// is not asked again in this round of calls. Returns one outcome per item, in order: its
+    /// answer, or the last error met on the way (`None` if no replica had an address).
     async fn per_node<R, F, Fut>(
         &self,
         layout: &Layout,
@@ -168,12 +168,13 @@ impl Cluster {
         let mut out: Vec<Option<std::result::Result<R, Option<tonic::Status>>>> =
             (0..ids.len()).map(|_| None).collect();
         let mut undecided: Vec<usize> = (0..ids.len()).collect();
+        let mut failed: Vec<u64> = Vec::new();
         while !undecided.is_empty() {
             let mut groups: BTreeMap<u64, (&str, Vec<usize>)> = BTreeMap::new();
             for i in undecided.drain(..) {
                 let addressed = order[i][next[i]..]
                     .iter()
-                    .position(|&n| layout.address(n).is_some());
+                    .position(|&n| layout.address(n).is_some() && !failed.contains(&n));
                 match addressed {
                     Some(k) => {
                         next[i] += k;
@@ -210,6 +211,7 @@ impl Cluster {
                     Err(e) => {
                         debug!(node = n, error = %e, "call failed; trying the next replicas");
                         self.mark_suspect(n);
+                        failed.push(n);
                         for i in idxs {
                             last[i] = Some(e.clone());
                             next[i] += 1;
@@ -686,6 +688,29 @@ mod tests {
             let e = o.unwrap_err().expect("an error");
             assert_eq!(e.code(), Code::Unavailable);
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_that_failed_is_not_asked_again_for_other_items() {
+        let c = cluster();
+        let layout = layout();
+        // Replicas 1, 2, 3 and 2, 1, 3: with nodes 1 and 2 down, both go on to node 3 at once.
+        let ids = vec![id_in(0), id_in(2)];
+        let calls = Mutex::new(Vec::<String>::new());
+        let out = c
+            .per_node(&layout, &ids, |addr, idxs| {
+                calls.lock().unwrap().push(addr.clone());
+                async move {
+                    if addr == "node-3" {
+                        Ok(vec![(); idxs.len()])
+                    } else {
+                        Err(tonic::Status::unavailable(format!("{addr} down")))
+                    }
+                }
+            })
+            .await;
+        assert!(out.iter().all(Result::is_ok));
+        assert_eq!(calls.into_inner().unwrap(), ["node-1", "node-2", "node-3"]);
     }
 
     #[tokio::test]
