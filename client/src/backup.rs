@@ -11,7 +11,8 @@
 //! gather into batches that are checked, sealed and uploaded by at most [`MAX_BATCHES`]
 //! concurrent tasks. Memory is bounded by those queues (about
 //! `(MAX_BATCHES + 2) × (BATCH_BYTES + window) + (READ_GROUPS + 1) × (READ_GROUP_BYTES +
-//! SMALL_FILE)` plus a few pooled windows of 8 MiB), not by the size of the repository. Files
+//! SMALL_FILE)` plus a few pooled windows of 8 MiB, and up to four pooled zstd contexts with
+//! their frame buffers, [`crate::crypto::Sealer`]), not by the size of the repository. Files
 //! unchanged since the parent snapshot (size, mtime, ctime, inode) reuse the parent's chunk list
 //! unread. The snapshot is begun before the walk (its chunks are protected from GC from then
 //! on) and committed only after every chunk it references is acknowledged.
