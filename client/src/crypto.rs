@@ -242,7 +242,6 @@ impl Keys {
             } else {
                 None
             },
-            small_tables: false,
             frame: Vec::new(),
         });
         Sealer {
@@ -257,41 +256,26 @@ impl Keys {
 /// 4 KiB written. In a backup, a batch of chunks is sealed by one sealer.
 struct SealContext {
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    /// Whether `zstd` is set up with the tables for small inputs.
-    small_tables: bool,
     /// The last frame compressed.
     frame: Vec<u8>,
 }
 
 impl SealContext {
-    /// Sets the compression context up for an input of `len` bytes at `level`, if it is not
-    /// already.
-    fn fit_tables(&mut self, len: usize, level: i32) {
-        let small = len <= SMALL_INPUT && level <= 3;
-        let Some(z) = self.zstd.as_mut() else { return };
-        if small == self.small_tables {
-            return;
-        }
-        // 0 is the level's own choice.
+    /// The zstd frame of `plaintext` without its magic number, if it is smaller than the
+    /// plaintext.
+    fn compress(&mut self, plaintext: &[u8], level: i32) -> Option<&[u8]> {
+        let z = self.zstd.as_mut()?;
+        // The tables for this input (0 is the level's own choice). Parameters apply from the
+        // next frame on and cost nothing to set; should one be refused, the frame is still
+        // compressed, with the tables set before.
+        let small = plaintext.len() <= SMALL_INPUT && level <= 3;
         let (hash, chain) = if small {
             (SMALL_HASH_LOG, SMALL_CHAIN_LOG)
         } else {
             (0, 0)
         };
-        let set = z
-            .set_parameter(zstd::zstd_safe::CParameter::HashLog(hash))
-            .and_then(|_| z.set_parameter(zstd::zstd_safe::CParameter::ChainLog(chain)));
-        // Should a parameter be refused, the level's tables are used and the next chunk retries.
-        if set.is_ok() {
-            self.small_tables = small;
-        }
-    }
-
-    /// The zstd frame of `plaintext` without its magic number, if it is smaller than the
-    /// plaintext.
-    fn compress(&mut self, plaintext: &[u8], level: i32) -> Option<&[u8]> {
-        self.fit_tables(plaintext.len(), level);
-        let z = self.zstd.as_mut()?;
+        let _ = z.set_parameter(zstd::zstd_safe::CParameter::HashLog(hash));
+        let _ = z.set_parameter(zstd::zstd_safe::CParameter::ChainLog(chain));
         self.frame.clear();
         self.frame
             .reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
