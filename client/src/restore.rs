@@ -192,6 +192,15 @@ impl Restorer<'_> {
             .zip(trees)
             .map(|(id, t)| t.map(|t| (id, t)))
             .collect::<Result<_>>()?;
+        // Made (or checked) once, before the first entry that is not a directory is put in it.
+        let mut here = false;
+        let mut ensure_here = || -> Result<()> {
+            if !here {
+                ensure_dir(abs)?;
+                here = true;
+            }
+            Ok(())
+        };
         for node in &tree.nodes {
             let name = std::ffi::OsStr::from_bytes(&node.name);
             let crel = rel.join(name);
@@ -214,7 +223,7 @@ impl Restorer<'_> {
                 }
                 _ if !take => {}
                 Kind::Symlink { target } => {
-                    ensure_dir(abs)?;
+                    ensure_here()?;
                     replace(&cabs)?;
                     std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &cabs)
                         .map_err(io(&cabs))?;
@@ -223,7 +232,7 @@ impl Restorer<'_> {
                     any = true;
                 }
                 Kind::File { content } => {
-                    ensure_dir(abs)?;
+                    ensure_here()?;
                     any = true;
                     let key = (node.dev, node.inode);
                     if node.nlink > 1 {
@@ -762,11 +771,17 @@ mod tests {
         let data = |n: usize| (0..n).map(|i| (i % 251) as u8 + 1).collect::<Vec<u8>>();
         let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
             ("trailing-hole", vec![data(5000), vec![0; 64 << 10]]),
-            ("hole-in-one-chunk", vec![[data(4096), vec![0; 12288]].concat()]),
+            (
+                "hole-in-one-chunk",
+                vec![[data(4096), vec![0; 12288]].concat()],
+            ),
             ("leading-hole", vec![vec![0; 8192], data(100)]),
             ("short-zero-tail", vec![[data(4096), vec![0; 100]].concat()]),
             ("no-hole", vec![data(4097), data(3)]),
-            ("empty-chunk-last", vec![[data(10), vec![0; 4086]].concat(), vec![]]),
+            (
+                "empty-chunk-last",
+                vec![[data(10), vec![0; 4086]].concat(), vec![]],
+            ),
             ("only-zeros", vec![vec![0; 10_000]]),
             ("nothing", vec![]),
         ];
