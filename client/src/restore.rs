@@ -544,7 +544,8 @@ struct WrittenEnd {
 impl WrittenEnd {
     /// Gives the file its length where what was written does not: a trailing hole was seeked
     /// over, or the tree's size differs from its chunks'. Known from the writes, so the file
-    /// is not asked (an `fstat` per file was 2.7% of the client's CPU in a restore).
+    /// is not asked (that `fstat`, with a check of the file's directory, made two `statx`
+    /// calls per file: 2.7% of the client's CPU in a restore).
     fn set_length(&self, f: &std::fs::File, path: &Path, size: u64) -> Result<()> {
         if self.hole || self.len != size {
             f.set_len(size).map_err(io(path))?;
@@ -779,8 +780,8 @@ mod tests {
             ("short-zero-tail", vec![[data(4096), vec![0; 100]].concat()]),
             ("no-hole", vec![data(4097), data(3)]),
             (
-                "empty-chunk-last",
-                vec![[data(10), vec![0; 4086]].concat(), vec![]],
+                "hole-then-empty-chunk",
+                vec![[data(4096), vec![0; 4096]].concat(), vec![]],
             ),
             ("only-zeros", vec![vec![0; 10_000]]),
             ("nothing", vec![]),
